@@ -1,0 +1,26 @@
+"""implicitgrad: differentiate through any inner optimizer by the implicit function theorem."""
+
+from . import linalg, solvers
+from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
+from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
+from .linalg import CG, GMRES, Exact, LinearSolver, Neumann
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "ConvergenceError",
+    "Exact",
+    "GMRES",
+    "ImplicitGradWarning",
+    "LinearSolveInfo",
+    "LinearSolver",
+    "Neumann",
+    "SolveInfo",
+    "fixed_point_solve",
+    "implicit",
+    "implicit_solve",
+    "linalg",
+    "root_solve",
+    "solvers",
+]

@@ -1,0 +1,324 @@
+"""Public entry points: ``implicit_solve``, ``root_solve``, ``fixed_point_solve``, ``implicit``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+
+from ._diagnostics import SolveInfo, check_on_failure
+from ._forward import call_solver
+from ._functions import ImplicitSolve
+from ._problem import Problem
+from ._tree import is_float_tensor, tree_flatten
+from .linalg import CG, GMRES
+from .linalg._base import LinearSolver
+
+__all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
+
+MODES = ("implicit", "unrolled")
+
+
+def implicit_solve(
+    objective: Callable,
+    x0: Any,
+    *params: Any,
+    solver: Callable,
+    linear_solver: Optional[LinearSolver] = None,
+    mode: str = "implicit",
+    on_failure: str = "warn",
+    return_info: bool = False,
+    forward_tol: Optional[float] = None,
+):
+    r"""Minimise ``objective(x, *params)`` over ``x`` and differentiate the minimiser.
+
+    The solution :math:`x^\star(\theta)` satisfies :math:`\nabla_x f(x^\star, \theta) = 0`.
+    By the implicit function theorem, with :math:`H = \nabla^2_{x} f` and
+    :math:`B = \partial_\theta \nabla_x f` at :math:`(x^\star, \theta)`,
+
+    .. math::
+
+        \frac{\partial x^\star}{\partial \theta} = -H^{-1} B ,
+        \qquad
+        \frac{\partial L}{\partial \theta} = -B^\top u, \quad H u = \frac{\partial L}{\partial x^\star},
+
+    so the backward pass is one linear solve with Hessian-vector products (``H`` is
+    symmetric: :class:`CG` fits) and one vector-Jacobian product — independent of the path
+    the solver took and of its number of iterations. Forward mode (``torch.func.jvp``)
+    solves :math:`H \dot x = -B \dot\theta`. The error of the result is linear in
+    :math:`\|\nabla_x f(x, \theta)\|` at the returned ``x``, which is measured and reported.
+
+    Args:
+        objective: ``objective(x, *params) -> scalar Tensor``, twice differentiable in
+            ``x`` near the solution and differentiable in the params.
+        x0: initial point, a Tensor or a pytree (nested tuple / list / dict) of floating
+            Tensors; the solution has the same structure.
+        *params: Tensors or pytrees; every floating Tensor leaf that requires grad —
+            hyperparameters and data alike — receives a gradient. Non-tensor leaves are
+            passed through unchanged.
+        solver: ``solver(objective, x0, *params) -> x``; run under ``torch.no_grad()`` in
+            implicit mode, so it need not be differentiable. Any callable: an
+            ``ig.solvers`` solver, a closed form, a SciPy wrapper, a user's loop.
+        linear_solver: solver for the backward system; default ``CG()``.
+        mode: ``"implicit"`` (default) or ``"unrolled"``: differentiate through the
+            iterations of a built-in ``ig.solvers`` solver instead (memory grows with the
+            number of iterations; for comparisons).
+        on_failure: ``"warn"`` (default) issues :class:`ImplicitGradWarning`, ``"raise"``
+            raises :class:`ConvergenceError`, ``"ignore"`` stays silent — for an
+            unconverged forward or backward solve, negative curvature, non-finite values.
+        return_info: also return a :class:`SolveInfo` (filled in by backward).
+        forward_tol: the forward residual ``‖∇ₓf(x)‖`` is acceptable up to
+            ``forward_tol · max(1, ‖∇ₓf(x0)‖)``; default 1e-6 (float64), 1e-3 (float32).
+
+    Returns:
+        ``x`` with the structure of ``x0`` (and ``info`` if ``return_info``).
+
+    Raises:
+        TypeError: ``objective`` or ``solver`` not callable, a wrong ``linear_solver``.
+        ValueError: non-scalar objective, non-finite params, mixed dtypes or devices,
+            solver output of another structure or shape than ``x0``, unknown ``mode``.
+        ConvergenceError: a failed solve under ``on_failure="raise"``.
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> X = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, dtype=torch.float64)
+        >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> def ridge(w, lam):
+        ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+        >>> def closed_form(f, w0, lam):
+        ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(3, dtype=X.dtype), X.T @ y)
+        >>> w = ig.implicit_solve(ridge, torch.zeros(3, dtype=torch.float64), lam, solver=closed_form)
+        >>> w.sum().backward()
+        >>> A = X.T @ X + lam.detach() * torch.eye(3, dtype=X.dtype)
+        >>> torch.allclose(lam.grad, -(torch.linalg.solve(A, w.detach())).sum())
+        True
+
+    References:
+        Blondel et al., Efficient and Modular Implicit Differentiation, 2022.
+    """
+    return _solve(
+        "objective", objective, x0, params, solver, linear_solver or CG(), mode, on_failure,
+        return_info, forward_tol,
+    )
+
+
+def root_solve(
+    residual: Callable,
+    x0: Any,
+    *params: Any,
+    solver: Callable,
+    linear_solver: Optional[LinearSolver] = None,
+    mode: str = "implicit",
+    on_failure: str = "warn",
+    return_info: bool = False,
+    forward_tol: Optional[float] = None,
+):
+    r"""Solve ``residual(x, *params) = 0`` and differentiate the root.
+
+    With :math:`A = \partial_x F` and :math:`B = \partial_\theta F` at the root, the
+    backward pass solves :math:`A^\top u = \partial L / \partial x^\star` and returns
+    :math:`-B^\top u`. ``A`` is in general not symmetric: the default linear solver is
+    :class:`GMRES`. Arguments as in :func:`implicit_solve`, with ``residual`` returning a
+    pytree of the structure of ``x``.
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> a = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+        >>> newton = lambda F, x, a: torch.sqrt(a)
+        >>> x = ig.root_solve(lambda x, a: x ** 2 - a, torch.tensor(1.0, dtype=torch.float64), a, solver=newton)
+        >>> x.backward(); round(a.grad.item(), 6)   # d sqrt(a)/da = 1/(2 sqrt(a))
+        0.25
+    """
+    return _solve(
+        "residual", residual, x0, params, solver, linear_solver or GMRES(), mode, on_failure,
+        return_info, forward_tol,
+    )
+
+
+def fixed_point_solve(
+    mapping: Callable,
+    x0: Any,
+    *params: Any,
+    solver: Optional[Callable] = None,
+    linear_solver: Optional[LinearSolver] = None,
+    mode: str = "implicit",
+    on_failure: str = "warn",
+    return_info: bool = False,
+    forward_tol: Optional[float] = None,
+):
+    r"""Find ``x = mapping(x, *params)`` and differentiate the fixed point.
+
+    The condition is :math:`F(x, \theta) = x - T(x, \theta) = 0`, so ``A = I − ∂ₓT``
+    (default linear solver :class:`GMRES`). The default inner solver is
+    :class:`~implicitgrad.solvers.FixedPointIteration` (damped iteration
+    :math:`x \leftarrow (1-\beta) x + \beta T(x)`), which converges when ``T`` is a
+    contraction. Arguments as in :func:`implicit_solve`.
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> c = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+        >>> x = ig.fixed_point_solve(lambda x, c: 0.5 * x + c, torch.tensor(0.0, dtype=torch.float64), c)
+        >>> x.backward(); round(x.item(), 6), round(c.grad.item(), 6)   # x = 2c
+        (4.0, 2.0)
+    """
+    if solver is None:
+        from .solvers import FixedPointIteration
+
+        solver = FixedPointIteration()
+    return _solve(
+        "mapping", mapping, x0, params, solver, linear_solver or GMRES(), mode, on_failure,
+        return_info, forward_tol,
+    )
+
+
+def implicit(
+    objective: Optional[Callable] = None,
+    *,
+    residual: Optional[Callable] = None,
+    mapping: Optional[Callable] = None,
+    linear_solver: Optional[LinearSolver] = None,
+    on_failure: str = "warn",
+    forward_tol: Optional[float] = None,
+):
+    """Decorator: make an existing ``fit(x0, *params) -> x*`` differentiable implicitly.
+
+    Exactly one of ``objective``, ``residual``, ``mapping`` states the optimality
+    condition the output of ``fit`` satisfies; ``fit`` itself can be any code (it runs
+    under ``torch.no_grad()``). The decorated function takes an optional keyword
+    ``return_info=True``.
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> f = lambda x, t: ((x - t) ** 2).sum()
+        >>> @ig.implicit(objective=f)
+        ... def fit(x0, t):
+        ...     return t.clone()            # the minimiser, found any way you like
+        >>> t = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        >>> fit(torch.zeros(3, dtype=torch.float64), t).sum().backward()
+        >>> t.grad
+        tensor([1., 1., 1.], dtype=torch.float64)
+    """
+    given = [(k, v) for k, v in (("objective", objective), ("residual", residual),
+                                 ("mapping", mapping)) if v is not None]
+    if len(given) != 1:
+        raise TypeError(
+            "implicit: give exactly one of objective=, residual=, mapping= (the condition "
+            f"the decorated function's output satisfies); got {[k for k, _ in given] or 'none'}."
+        )
+    kind, fn = given[0]
+    kind = {"objective": "objective", "residual": "residual", "mapping": "mapping"}[kind]
+    default = CG() if kind == "objective" else GMRES()
+
+    def decorate(fit: Callable) -> Callable:
+        if not callable(fit):
+            raise TypeError("implicit(...) must decorate a callable fit(x0, *params).")
+
+        def solver(_fn, x0, *params):
+            return fit(x0, *params)
+
+        @functools.wraps(fit)
+        def wrapper(x0, *params, return_info: bool = False):
+            return _solve(
+                kind, fn, x0, params, solver, linear_solver or default, "implicit",
+                on_failure, return_info, forward_tol,
+            )
+
+        return wrapper
+
+    return decorate
+
+
+def _solve(kind, fn, x0, params, solver, linear_solver, mode, on_failure, return_info,
+           forward_tol):
+    if not callable(fn):
+        raise TypeError(f"The {kind} must be callable as {kind}(x, *params), got {type(fn).__name__}.")
+    if solver is None or not callable(solver):
+        raise TypeError(
+            "solver must be a callable solver(fn, x0, *params) -> x, e.g. "
+            "ig.solvers.GradientDescent(lr=0.1, maxiter=500) or a closed form."
+        )
+    if not isinstance(linear_solver, LinearSolver):
+        raise TypeError(
+            "linear_solver must be an ig linear solver such as ig.CG(), ig.GMRES(), "
+            f"ig.Neumann() or ig.Exact(), got {type(linear_solver).__name__}."
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    check_on_failure(on_failure)
+    if forward_tol is not None and not forward_tol > 0:
+        raise ValueError(f"forward_tol must be positive, got {forward_tol!r}.")
+
+    x_leaves, x_spec = tree_flatten(x0)
+    p_leaves, p_spec = tree_flatten(tuple(params))
+    x_tensors = [t for t in x_leaves if isinstance(t, torch.Tensor)]
+    if not x_tensors:
+        raise TypeError("x0 must be a Tensor or a pytree with at least one Tensor leaf.")
+    for t in x_tensors:
+        if not is_float_tensor(t):
+            raise TypeError(
+                f"x0 has a leaf of dtype {t.dtype}; the variable must be floating point. "
+                "Pass integer data through params instead."
+            )
+    p_tensors = [t for t in p_leaves if isinstance(t, torch.Tensor)]
+    _check_inputs(x_tensors, p_tensors)
+
+    info = SolveInfo()
+    problem = Problem(
+        kind=kind, fn=fn, x_spec=x_spec, x_template=list(x_leaves), params_spec=p_spec,
+        params_template=list(p_leaves), solver=solver, linear_solver=linear_solver,
+        on_failure=on_failure, info=info, forward_tol=forward_tol,
+    )
+    if mode == "unrolled":
+        x = _unrolled(problem, x_tensors, p_tensors)
+    else:
+        x = ImplicitSolve.apply(problem, len(x_tensors), *x_tensors, *p_tensors)
+    out = problem.x_tree(list(x))
+    return (out, info) if return_info else out
+
+
+def _unrolled(problem: Problem, x0, p):
+    solver = problem.solver
+    if not getattr(solver, "unrollable", False):
+        raise ValueError(
+            f"mode='unrolled' differentiates through the iterations of a built-in solver "
+            f"(ig.solvers.GradientDescent, ig.solvers.FixedPointIteration); "
+            f"{type(solver).__name__} cannot be unrolled. Use mode='implicit'."
+        )
+    with torch.enable_grad():
+        x, iterations = call_solver(problem, list(x0), list(p))
+    problem.info.forward_iterations = iterations
+    problem.info.forward_residual = problem.residual_norm([t.detach() for t in x], p)
+    problem.info.forward_status = "unrolled"
+    return x
+
+
+def _check_inputs(x_tensors, p_tensors) -> None:
+    floats = [t for t in x_tensors + p_tensors if is_float_tensor(t)]
+    dtypes = sorted({str(t.dtype) for t in floats})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"x0 and params mix floating dtypes {dtypes}; the condition and its derivatives "
+            "would be computed in mixed precision. Cast every floating tensor to one dtype "
+            "(e.g. .to(torch.float64))."
+        )
+    devices = sorted({str(t.device) for t in x_tensors + p_tensors if t.dim() > 0})
+    if len(devices) > 1:
+        raise ValueError(
+            f"x0 and params live on different devices {devices}. Move them to one device "
+            "(e.g. .to('cuda'))."
+        )
+    for t in p_tensors:
+        if is_float_tensor(t) and not _is_wrapped(t) and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"a parameter of shape {tuple(t.shape)} contains NaN/Inf; the inner problem "
+                "and its gradient are undefined. Check the hyperparameters and data."
+            )
+
+
+def _is_wrapped(t) -> bool:
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    return is_functorch_wrapped_tensor(t)
+
+

@@ -1,0 +1,118 @@
+"""Warnings, errors and the records that every solve returns.
+
+Every solve in implicitgrad ends with a status. A status other than ``"converged"`` is
+turned into an :class:`ImplicitGradWarning` (``on_failure="warn"``), a
+:class:`ConvergenceError` (``on_failure="raise"``) or nothing (``on_failure="ignore"``),
+always with the measured numbers and the change that would fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Optional
+
+__all__ = [
+    "ConvergenceError",
+    "ImplicitGradWarning",
+    "LinearSolveInfo",
+    "SolveInfo",
+]
+
+ON_FAILURE = ("warn", "raise", "ignore")
+
+
+class ImplicitGradWarning(UserWarning):
+    """A result was computed, but something about it deserves attention.
+
+    Issued for unconverged or diverging linear solves, negative curvature in CG, large
+    forward residuals, non-finite values, and tensors that would silently receive no
+    gradient. The message names the measured numbers and the fix.
+    """
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ImplicitGradWarning` when ``on_failure="raise"``."""
+
+
+@dataclasses.dataclass
+class LinearSolveInfo:
+    """Outcome of one linear solve ``A u = b``.
+
+    Attributes:
+        iterations: matrix-vector products spent (for ``Exact``: the matrix size).
+        residual: relative residual ``‖A u − b‖ / ‖b‖`` (the largest over a batch of
+            independent systems).
+        converged: whether ``residual <= tol`` was reached with finite values.
+        status: ``"converged"``, ``"max_iterations"``, ``"negative_curvature"``,
+            ``"diverged"``, ``"breakdown"``, ``"singular"`` or ``"nonfinite"``.
+        message: what happened and what to change, empty when converged.
+        solver: name of the linear solver.
+    """
+
+    iterations: int
+    residual: float
+    converged: bool
+    status: str
+    message: str = ""
+    solver: str = ""
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.solver or 'linear solve'}: {self.status} after {self.iterations} "
+            f"iterations, relative residual {self.residual:.3e}"
+        )
+        return head if not self.message else f"{head}. {self.message}"
+
+
+@dataclasses.dataclass
+class SolveInfo:
+    """Diagnostics of one ``implicit_solve`` / ``root_solve`` / ``fixed_point_solve``.
+
+    Attributes:
+        forward_residual: norm of the optimality condition at the returned ``x``
+            (``‖∇ₓf‖``, ``‖F‖`` or ``‖x − T(x)‖``). The hypergradient error is linear in
+            it (Blondel et al., Efficient and Modular Implicit Differentiation, 2022).
+        initial_residual: the same norm at ``x0``, the scale the forward tolerance is
+            relative to.
+        forward_iterations: iterations the inner solver reports, ``None`` if it does not.
+        forward_status: ``"converged"``, ``"not_converged"`` or ``"nonfinite"``.
+        backward: :class:`LinearSolveInfo` of the most recent backward (or forward-mode)
+            linear solve, ``None`` until one ran.
+        history: every linear solve of this node, in order (second-order derivatives
+            run several).
+    """
+
+    forward_residual: float = float("nan")
+    initial_residual: float = float("nan")
+    forward_iterations: Optional[int] = None
+    forward_status: str = "unknown"
+    backward: Optional[LinearSolveInfo] = None
+    history: list = dataclasses.field(default_factory=list)
+
+    def record(self, info: LinearSolveInfo) -> None:
+        self.backward = info
+        self.history.append(info)
+
+    def __str__(self) -> str:
+        it = "?" if self.forward_iterations is None else str(self.forward_iterations)
+        lines = [
+            f"forward: {self.forward_status}, residual {self.forward_residual:.3e} "
+            f"(initial {self.initial_residual:.3e}), {it} iterations"
+        ]
+        lines.append(f"backward: {self.backward}" if self.backward else "backward: not run")
+        return "\n".join(lines)
+
+
+def check_on_failure(on_failure: str) -> str:
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+    return on_failure
+
+
+def report(message: str, on_failure: str, stacklevel: int = 3) -> None:
+    """Warn, raise or stay silent about ``message`` according to ``on_failure``."""
+    if on_failure == "raise":
+        raise ConvergenceError(message)
+    if on_failure == "warn":
+        warnings.warn(message, ImplicitGradWarning, stacklevel=stacklevel)

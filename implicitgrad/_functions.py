@@ -1,0 +1,208 @@
+"""The two autograd Functions behind every implicit solve.
+
+``ImplicitSolve`` returns ``x*(θ)``; its backward and forward-mode rules are written
+with ordinary differentiable torch operations plus ``LinearSolve``, and ``LinearSolve``'s
+own rules are written the same way, so derivatives of any order, ``torch.func.grad``,
+``jvp`` and ``vmap`` compose. Both Functions are defined once, with a ctx-free
+``forward`` and a separate ``setup_context`` as ``torch.func`` requires.
+
+Rules, with ``A = ∂ₓF(x*, θ)`` and ``B = ∂_θF(x*, θ)``:
+
+* ``ImplicitSolve`` backward: solve ``Aᵀ u = v``, return ``−Bᵀ u``; forward mode:
+  ``ẋ = A⁻¹(−B θ̇)``.
+* ``LinearSolve`` (``z = Op(x, θ)⁻¹ b`` with ``Op`` = ``A`` or ``Aᵀ``) backward: solve
+  ``Opᵀ w = z̄``, return ``b̄ = w`` and ``−∂_{x,θ}⟨w, Op(x, θ) z⟩``; forward mode:
+  ``ż = Op⁻¹(ḃ − Ȯp z)``.
+* ``vmap`` of either: one call on the batched problem (block-diagonal systems).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import List, Tuple
+
+import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
+
+from ._diagnostics import report
+from ._forward import run_forward
+from ._problem import Problem
+
+__all__ = ["ImplicitSolve", "LinearSolve"]
+
+
+def _wrapped(tensors: Sequence) -> bool:
+    return any(isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _differentiable(*groups) -> bool:
+    """Whether a rule's result must itself be differentiable (create_graph or torch.func)."""
+    return torch.is_grad_enabled() or any(_wrapped(g) for g in groups)
+
+
+def _fresh(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Tuple:
+    """Outputs must not alias inputs of the Function."""
+    ptrs = {t.data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
+    return tuple(t.clone() if t.numel() and t.data_ptr() in ptrs else t for t in outputs)
+
+
+def _move_batch(args: Sequence, in_dims: Sequence, size: int) -> List[torch.Tensor]:
+    """Put the vmapped dimension first on every tensor, expanding unbatched ones."""
+    out = []
+    for a, d in zip(args, in_dims):
+        if d is None:
+            out.append(a.unsqueeze(0).expand(size, *a.shape))
+        else:
+            out.append(a.movedim(d, 0))
+    return out
+
+
+def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
+    """Run the problem's linear solver on ``A`` or ``Aᵀ`` and report its outcome."""
+    op = lin.rmatvec if transpose else lin.matvec
+    spec = problem.x_spec if problem.batch_ndim == 0 and len(problem.x_index) == len(
+        problem.x_template
+    ) else None
+    solution, info = problem.linear_solver.solve(op, b, batch_ndim=problem.batch_ndim, spec=spec)
+    problem.record(info)
+    if not info.converged:
+        report(
+            f"implicit differentiation: the linear solve for the "
+            f"{'backward' if transpose else 'forward-mode'} pass did not converge. {info}",
+            problem.on_failure,
+            stacklevel=5,
+        )
+    return solution
+
+
+def vjp(problem: Problem, x, p, v, p_needs) -> List:
+    """``−(∂_θF)ᵀ (∂ₓF)⁻ᵀ v`` for the parameters in ``p_needs``."""
+    if not any(p_needs):
+        return [None] * len(p)
+    if not all(bool(torch.isfinite(t).all()) for t in v if not _wrapped([t])):
+        report(
+            "implicit differentiation: the incoming gradient with respect to x* contains "
+            "NaN/Inf; the hypergradient will be non-finite. Check the outer loss.",
+            problem.on_failure,
+            stacklevel=5,
+        )
+    if not _differentiable(x, p, v):
+        # First order: one graph of F serves every product and the final VJP.
+        lin = problem.linearize(x, p, p_needs, differentiable=False)
+        u = solve_linear(problem, lin, True, list(v))
+    else:
+        nx = len(x)
+        u = list(LinearSolve.apply(problem, True, nx, *x, *p, *v))
+        lin = problem.linearize(x, p, p_needs, differentiable=True)
+    grads = lin.vjp_params(u)
+    return [None if g is None else -g for g in grads]
+
+
+class ImplicitSolve(torch.autograd.Function):
+    """``x* = solver(x0, θ)`` with the implicit-function-theorem derivative."""
+
+    @staticmethod
+    def forward(problem: Problem, nx: int, *leaves):
+        x0, p = list(leaves[:nx]), list(leaves[nx:])
+        x = run_forward(problem, x0, p)
+        return _fresh(x, leaves)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        problem, nx = inputs[0], inputs[1]
+        p = inputs[2 + nx :]
+        ctx.problem, ctx.nx = problem, nx
+        ctx.save_for_backward(*output, *p)
+        ctx.save_for_forward(*output, *p)
+
+    @staticmethod
+    def backward(ctx, *v):
+        nx = ctx.nx
+        saved = ctx.saved_tensors
+        x, p = list(saved[:nx]), list(saved[nx:])
+        p_needs = list(ctx.needs_input_grad[2 + nx :])
+        grads = vjp(ctx.problem, x, p, list(v), p_needs)
+        return (None, None) + (None,) * nx + tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, _problem, _nx, *tangents):
+        nx, problem = ctx.nx, ctx.problem
+        saved = ctx.saved_tensors
+        x, p = list(saved[:nx]), list(saved[nx:])
+        p_dot = list(tangents[nx:])
+        if all(t is None for t in p_dot):
+            return tuple(torch.zeros_like(t) for t in x)
+        p_needs = [t is not None for t in p_dot]
+        differentiable = _differentiable(x, p, [t for t in p_dot if t is not None])
+        lin = problem.linearize(x, p, p_needs, differentiable=differentiable)
+        rhs = [-r for r in lin.jvp(None, p_dot)]
+        if differentiable:
+            return tuple(LinearSolve.apply(problem, False, nx, *x, *p, *rhs))
+        return tuple(solve_linear(problem, lin, False, rhs))
+
+    @staticmethod
+    def vmap(info, in_dims, problem, nx, *leaves):
+        moved = _move_batch(leaves, in_dims[2:], info.batch_size)
+        batched = problem.batched(moved[:nx])
+        out = ImplicitSolve.apply(batched, nx, *moved)
+        return out, (0,) * len(out)
+
+
+class LinearSolve(torch.autograd.Function):
+    """``z = Op(x, θ)⁻¹ b`` with ``Op = ∂ₓF`` or its transpose, differentiable in all."""
+
+    @staticmethod
+    def forward(problem: Problem, transpose: bool, nx: int, *leaves):
+        x, p, b = _split(leaves, nx)
+        lin = problem.linearize(x, p, [False] * len(p), differentiable=False)
+        z = solve_linear(problem, lin, transpose, list(b))
+        return _fresh(z, leaves)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        problem, transpose, nx = inputs[:3]
+        x, p, _ = _split(inputs[3:], nx)
+        ctx.problem, ctx.transpose, ctx.nx = problem, transpose, nx
+        ctx.save_for_backward(*x, *p, *output)
+        ctx.save_for_forward(*x, *p, *output)
+
+    @staticmethod
+    def backward(ctx, *z_bar):
+        problem, transpose, nx = ctx.problem, ctx.transpose, ctx.nx
+        x, p, z = _split(ctx.saved_tensors, nx)
+        needs = ctx.needs_input_grad[3:]
+        x_needs, p_needs = needs[:nx], needs[nx : len(needs) - nx]
+        w = list(LinearSolve.apply(problem, not transpose, nx, *x, *p, *z_bar))
+        gx, gp = [None] * nx, [None] * len(p)
+        if any(x_needs) or any(p_needs):
+            lin = problem.linearize(x, p, p_needs, differentiable=True)
+            px, pp = lin.op_partials(w, z, transpose)
+            gx = [-g if need else None for g, need in zip(px, x_needs)]
+            gp = [None if g is None else -g for g in pp]
+        return (None, None, None, *gx, *gp, *w)
+
+    @staticmethod
+    def jvp(ctx, _problem, _transpose, _nx, *tangents):
+        problem, transpose, nx = ctx.problem, ctx.transpose, ctx.nx
+        x, p, z = _split(ctx.saved_tensors, nx)
+        x_dot, p_dot, b_dot = _split(tangents, nx)
+        p_needs = [t is not None for t in p_dot]
+        rhs = [torch.zeros_like(t) if d is None else d for t, d in zip(z, b_dot)]
+        if any(t is not None for t in x_dot) or any(p_needs):
+            lin = problem.linearize(x, p, p_needs, differentiable=True)
+            d_op_z = lin.op_jvp(z, transpose, x_dot, p_dot)
+            rhs = [r - d for r, d in zip(rhs, d_op_z)]
+        return tuple(LinearSolve.apply(problem, transpose, nx, *x, *p, *rhs))
+
+    @staticmethod
+    def vmap(info, in_dims, problem, transpose, nx, *leaves):
+        moved = _move_batch(leaves, in_dims[3:], info.batch_size)
+        batched = problem.batched(moved[:nx])
+        out = LinearSolve.apply(batched, transpose, nx, *moved)
+        return out, (0,) * len(out)
+
+
+def _split(leaves, nx):
+    leaves = list(leaves)
+    return leaves[:nx], leaves[nx : len(leaves) - nx], leaves[len(leaves) - nx :]
+

@@ -1,0 +1,9 @@
+"""Linear solvers on matrix-vector products over pytrees."""
+
+from ._base import LinearSolver
+from .cg import CG
+from .exact import Exact
+from .gmres import GMRES
+from .neumann import Neumann
+
+__all__ = ["CG", "Exact", "GMRES", "LinearSolver", "Neumann"]
