@@ -133,7 +133,12 @@ class ImplicitSolve(torch.autograd.Function):
         if all(t is None for t in p_dot):
             return tuple(torch.zeros_like(t) for t in x)
         p_needs = [t is not None for t in p_dot]
-        differentiable = _differentiable(x, p, [t for t in p_dot if t is not None])
+        given = [t for t in p_dot if t is not None]
+        # Nested forward-mode AD is unsupported, so plain dual tensors take the autograd
+        # path; a result that must be differentiable again takes the torch.func path.
+        differentiable = _wrapped(x + p + given) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in x + p + given)
+        )
         lin = problem.linearize(x, p, p_needs, differentiable=differentiable)
         rhs = [-r for r in lin.jvp(None, p_dot)]
         if differentiable:

@@ -8,7 +8,7 @@ import torch
 
 from .._tree import tree_flatten
 from ..linalg._base import check_interval
-from ._base import InnerSolver, SolverStats, check_positive, default_tol, flatten_x, leaves_norm
+from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x, leaves_norm
 
 
 class FixedPointIteration(InnerSolver):
@@ -29,8 +29,9 @@ class FixedPointIteration(InnerSolver):
     Example:
         >>> import torch, implicitgrad as ig
         >>> fpi = ig.solvers.FixedPointIteration(maxiter=200)
-        >>> fpi(lambda x, c: 0.5 * x + c, torch.zeros(1), torch.ones(1))
-        tensor([2.])
+        >>> x = fpi(lambda x, c: 0.5 * x + c, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        >>> round(float(x), 6)   # the fixed point of x = x/2 + 1
+        2.0
     """
 
     unrollable = True
@@ -46,8 +47,7 @@ class FixedPointIteration(InnerSolver):
         check_positive("maxiter", "FixedPointIteration", maxiter, integer=True)
         if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
             raise ValueError(f"FixedPointIteration: damping must be in (0, 1], got {damping!r}.")
-        if tol is not None and not tol >= 0:
-            raise ValueError(f"FixedPointIteration: tol must be non-negative, got {tol!r}.")
+        check_tol("FixedPointIteration", tol)
         self.maxiter, self.tol, self.damping, self.check_every = maxiter, tol, damping, check_every
 
     def __repr__(self) -> str:
