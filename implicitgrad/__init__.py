@@ -1,6 +1,6 @@
 """implicitgrad: differentiate through any inner optimizer by the implicit function theorem."""
 
-from . import linalg, solvers
+from . import linalg, nn, solvers
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
 from .linalg import CG, GMRES, Exact, LinearSolver, Neumann
@@ -21,6 +21,7 @@ __all__ = [
     "implicit",
     "implicit_solve",
     "linalg",
+    "nn",
     "root_solve",
     "solvers",
 ]

@@ -1,7 +1,24 @@
-"""Inner solvers: anything that maps ``(fn, x0, *params)`` to a solution."""
+"""Inner solvers: anything that maps ``(fn, x0, *params)`` to a solution.
+
+Built-in loops (:class:`GradientDescent`, :class:`FixedPointIteration`) and adapters that
+run an existing optimizer: any ``torch.optim`` class (:class:`TorchOptimizer`), TorchOpt's
+functional optimizers (:class:`TorchOpt`) and ``scipy.optimize.minimize`` (:class:`SciPy`).
+All subclass :class:`InnerSolver` and report a :class:`SolverStats`.
+"""
 
 from ._base import InnerSolver, SolverStats
 from .fixed_point import FixedPointIteration
 from .gradient_descent import GradientDescent
+from .scipy_adapter import SciPy
+from .torch_optimizer import TorchOptimizer
+from .torchopt_adapter import TorchOpt
 
-__all__ = ["FixedPointIteration", "GradientDescent", "InnerSolver", "SolverStats"]
+__all__ = [
+    "FixedPointIteration",
+    "GradientDescent",
+    "InnerSolver",
+    "SciPy",
+    "SolverStats",
+    "TorchOpt",
+    "TorchOptimizer",
+]

@@ -12,11 +12,21 @@ from .._tree import tree_flatten, tree_unflatten
 
 @dataclasses.dataclass
 class SolverStats:
-    """What an inner solver reports: iterations run, final residual, whether it met tol."""
+    """What an inner solver reports.
+
+    Attributes:
+        iterations: iterations run (as the solver counts them; see each solver).
+        residual: norm of the optimality condition (gradient or fixed-point residual) at
+            the returned point, ``nan`` if not measured.
+        converged: whether the solver's stopping criterion was met; ``None`` if it was not
+            checked (``tol=0``).
+        message: why the solver stopped, when it has more to say (e.g. SciPy's message).
+    """
 
     iterations: int
     residual: float = float("nan")
     converged: Optional[bool] = None
+    message: str = ""
 
 
 class InnerSolver:
@@ -57,6 +67,65 @@ def flatten_x(x0: Any) -> Tuple[List[torch.Tensor], Callable[[List[torch.Tensor]
 
 def leaves_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t.detach() ** 2).sum() for t in tensors))
+
+
+def objective_grad(
+    fn: Callable,
+    x: List[torch.Tensor],
+    rebuild: Callable[[List[torch.Tensor]], Any],
+    params: Tuple[Any, ...],
+    create_graph: bool = False,
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``fn(x, *params)`` and its gradient with respect to the tensor leaves ``x``.
+
+    ``create_graph=False``: computed on detached copies, results detached (a solver's
+    forward step). ``True``: leaves that already require grad are used as they are and the
+    gradient keeps its graph, so iterations can be differentiated (``mode="unrolled"``).
+    Leaves ``fn`` does not use get a zero gradient.
+
+    Raises:
+        ValueError: ``fn`` does not return a scalar tensor.
+    """
+    with torch.enable_grad():
+        if create_graph:
+            xs = [t if t.requires_grad else t.detach().requires_grad_(True) for t in x]
+        else:
+            xs = [t.detach().requires_grad_(True) for t in x]
+        value = fn(rebuild(xs), *params)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"The objective must return a scalar Tensor, got {got}. Reduce it (e.g. .sum() or .mean())."
+            )
+        if not value.requires_grad:
+            return value.detach(), [torch.zeros_like(t) for t in xs]
+        grads = torch.autograd.grad(value, xs, create_graph=create_graph, allow_unused=True,
+                                    materialize_grads=True)
+    if create_graph:
+        return value, list(grads)
+    return value.detach(), [g.detach() for g in grads]
+
+
+def check_float_leaves(owner: str, leaves: List[torch.Tensor], real: bool = False) -> None:
+    """The variable must have at least one leaf and only floating (or complex) leaves."""
+    if not leaves:
+        raise TypeError(f"{owner}: x0 must be a Tensor or a pytree with at least one Tensor leaf.")
+    for t in leaves:
+        if not (t.is_floating_point() or (t.is_complex() and not real)):
+            kind = "real floating point" if real else "floating point"
+            raise TypeError(f"{owner}: every tensor leaf of x0 must be {kind}, got dtype {t.dtype}.")
+
+
+def relative_threshold(tol: float, initial: torch.Tensor) -> float:
+    """The stopping threshold ``tol · max(1, ‖initial‖)`` every built-in solver uses."""
+    return tol * max(1.0, float(initial))
+
+
+def check_tol(owner: str, tol: Optional[float], allow_zero: bool = True) -> None:
+    ok = isinstance(tol, (int, float)) and not isinstance(tol, bool) and (tol >= 0 if allow_zero else tol > 0)
+    if tol is not None and not ok:
+        need = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{owner}: tol must be a {need} number or None (dtype default), got {tol!r}.")
 
 
 def check_positive(name: str, owner: str, value, integer: bool = False) -> None:

@@ -6,8 +6,18 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
+from .._tree import tree_flatten
 from ..linalg._base import check_interval
-from ._base import InnerSolver, SolverStats, check_positive, default_tol, flatten_x, leaves_norm
+from ._base import (
+    InnerSolver,
+    SolverStats,
+    check_positive,
+    check_tol,
+    default_tol,
+    flatten_x,
+    leaves_norm,
+    objective_grad,
+)
 
 
 class GradientDescent(InnerSolver):
@@ -17,9 +27,9 @@ class GradientDescent(InnerSolver):
     or after ``maxiter`` steps. With ``tol=0`` it runs exactly ``maxiter`` steps and
     never synchronises with the host (the fixed-step inner loop of MAML / iMAML papers).
 
-    In ``mode="implicit"`` it runs without recording a graph; in ``mode="unrolled"`` it
-    records every step (``create_graph``) so the result can be differentiated through
-    the iterations.
+    In ``mode="implicit"`` it runs without recording a graph; in ``mode="unrolled"`` (grad
+    mode on and ``x0`` or a parameter requiring grad) it records every step
+    (``create_graph``) so the result can be differentiated through the iterations.
 
     Args:
         lr: step size ``η``; converges for ``η < 2 / L`` with ``L`` the gradient's
@@ -48,8 +58,7 @@ class GradientDescent(InnerSolver):
     ) -> None:
         check_positive("lr", "GradientDescent", lr)
         check_positive("maxiter", "GradientDescent", maxiter, integer=True)
-        if tol is not None and not tol >= 0:
-            raise ValueError(f"GradientDescent: tol must be non-negative, got {tol!r}.")
+        check_tol("GradientDescent", tol)
         self.lr, self.maxiter, self.tol, self.check_every = lr, maxiter, tol, check_every
 
     def __repr__(self) -> str:
@@ -57,14 +66,17 @@ class GradientDescent(InnerSolver):
 
     def run(self, fn: Callable, x0: Any, *params: Any) -> Tuple[Any, SolverStats]:
         x, rebuild = flatten_x(x0)
-        record = torch.is_grad_enabled()
+        # Record the iterations only when a result could be differentiated (mode="unrolled").
+        record = torch.is_grad_enabled() and any(
+            t.requires_grad for t in x + tree_flatten(params)[0] if isinstance(t, torch.Tensor)
+        )
         tol = self.tol if self.tol is not None else default_tol(x[0].dtype)
         every = check_interval(self.check_every, x[0].device)
         threshold = None
         g_norm = torch.tensor(float("nan"))
         k = 0
         for k in range(1, self.maxiter + 1):
-            g = _grad(fn, x, rebuild, params, record)
+            g = objective_grad(fn, x, rebuild, params, create_graph=record)[1]
             if tol > 0 and (k == 1 or k % every == 0):
                 g_norm = leaves_norm(g)
                 if threshold is None:
@@ -76,13 +88,3 @@ class GradientDescent(InnerSolver):
         converged = None if threshold is None else bool(float(g_norm) <= threshold)
         return rebuild(x), SolverStats(k, float(g_norm), converged)
 
-
-def _grad(fn, x, rebuild, params, record):
-    with torch.enable_grad():
-        xs = x if record else [t.detach().requires_grad_(True) for t in x]
-        if record:
-            xs = [t if t.requires_grad else t.detach().requires_grad_(True) for t in x]
-        value = fn(rebuild(xs), *params)
-        grads = torch.autograd.grad(value, xs, create_graph=record, allow_unused=True,
-                                    materialize_grads=True)
-    return list(grads) if record else [g.detach() for g in grads]

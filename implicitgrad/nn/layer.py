@@ -1,0 +1,187 @@
+"""``ImplicitLayer``: an ``nn.Module`` whose output is the solution of an inner problem."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._api import implicit_solve, root_solve
+from .._diagnostics import SolveInfo
+from ..linalg import LinearSolver
+
+_ON_FAILURE = ("warn", "raise", "ignore")
+
+
+class ImplicitLayer(nn.Module):
+    r"""Base class of layers defined by an optimality condition.
+
+    The layer's inputs :math:`u` and its own parameters :math:`\theta` (every
+    ``nn.Parameter`` of the module and its sub-modules) define an inner problem whose
+    solution :math:`x^\star(u, \theta)` satisfies either
+
+    * :math:`\nabla_x f(x^\star, u, \theta) = 0` (implement :meth:`objective`; solved with
+      :func:`~implicitgrad.implicit_solve`), or
+    * :math:`F(x^\star, u, \theta) = 0` (implement :meth:`residual`; solved with
+      :func:`~implicitgrad.root_solve`).
+
+    The layer returns ``output(x*, u, θ)`` (by default ``x*``). Gradients with respect to
+    :math:`\theta` and to the inputs come from the implicit function theorem, so they do
+    not depend on how ``x*`` was found nor on how many iterations that took, and the layer
+    trains inside any model, e.g. after a feature extractor in ``nn.Sequential``.
+
+    Subclasses implement
+
+    * :meth:`init` — the starting point ``x0`` (a Tensor or a pytree of Tensors);
+    * exactly one of :meth:`objective` / :meth:`residual`;
+    * optionally :meth:`prepare` (validate and convert the inputs once per call),
+      :meth:`output`, and :meth:`closed_form` (used when ``solver`` is ``None``).
+
+    In :meth:`objective`, :meth:`residual` and :meth:`output`, read parameters from the
+    ``params`` dict (name → tensor, as :meth:`torch.nn.Module.named_parameters`), not from
+    ``self``: only tensors reached through the arguments receive implicit gradients (the
+    core warns about captured tensors). For a sub-module use :meth:`call_submodule`, which
+    runs it through :func:`torch.func.functional_call` with its entries of ``params``.
+
+    A single tuple argument is unpacked, so ``layer((a, b))`` equals ``layer(a, b)``: a
+    layer with several inputs can follow a module that returns a tuple in
+    ``nn.Sequential``.
+
+    Args:
+        solver: inner solver ``solver(fn, x0, inputs, params) -> x`` (e.g. an
+            ``ig.solvers`` solver); ``None``: the subclass's :meth:`closed_form`.
+        linear_solver: linear solver of the backward pass; ``None``: ``ig.CG()`` for an
+            objective, ``ig.GMRES()`` for a residual.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` (see
+            :func:`~implicitgrad.implicit_solve`).
+        forward_tol: accepted relative forward residual (``None``: dtype default).
+
+    Attributes:
+        solver, linear_solver, on_failure, forward_tol: as given; may be reassigned.
+        last_info: the :class:`~implicitgrad.SolveInfo` of the most recent forward call
+            (its ``backward`` field is filled in by the backward pass), ``None`` before.
+
+    Raises:
+        TypeError: neither or both of ``objective`` / ``residual`` implemented, no solver
+            and no closed form, a solver that is not callable or a wrong linear solver.
+        ValueError: unknown ``on_failure`` or non-positive ``forward_tol``.
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> class Shrink(ig.nn.ImplicitLayer):
+        ...     '''x* = argmin ½‖x − u‖² + exp(a) Σ cosh(x): a smooth shrinkage of u.'''
+        ...     def __init__(self):
+        ...         super().__init__(solver=ig.solvers.TorchOptimizer(torch.optim.LBFGS))
+        ...         self.a = torch.nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+        ...     def init(self, inputs):
+        ...         return torch.zeros_like(inputs[0])
+        ...     def objective(self, x, inputs, params):
+        ...         return 0.5 * ((x - inputs[0]) ** 2).sum() + params["a"].exp() * torch.cosh(x).sum()
+        >>> layer = Shrink()
+        >>> x = layer(torch.tensor([2.0, -1.0], dtype=torch.float64))
+        >>> x.sum().backward()
+        >>> layer.last_info.forward_status, layer.a.grad is not None
+        ('converged', True)
+    """
+
+    def __init__(
+        self,
+        solver: Optional[Callable] = None,
+        linear_solver: Optional[LinearSolver] = None,
+        on_failure: str = "warn",
+        forward_tol: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        cls = type(self)
+        has_objective = cls.objective is not ImplicitLayer.objective
+        has_residual = cls.residual is not ImplicitLayer.residual
+        if has_objective == has_residual:
+            raise TypeError(
+                f"{cls.__name__}: implement exactly one of objective(x, inputs, params) (a "
+                "minimisation) or residual(x, inputs, params) (a root), "
+                f"got {'both' if has_objective else 'neither'}."
+            )
+        if solver is None and cls.closed_form is ImplicitLayer.closed_form:
+            raise TypeError(
+                f"{cls.__name__}: give a solver (e.g. ig.solvers.TorchOptimizer(torch.optim.LBFGS)) "
+                "or implement closed_form(x0, inputs, params)."
+            )
+        if solver is not None and not callable(solver):
+            raise TypeError(f"{cls.__name__}: solver must be callable as solver(fn, x0, *params), got {solver!r}.")
+        if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
+            raise TypeError(
+                f"{cls.__name__}: linear_solver must be an ig linear solver such as ig.CG() or "
+                f"ig.Exact(), got {linear_solver!r}."
+            )
+        if on_failure not in _ON_FAILURE:
+            raise ValueError(f"{cls.__name__}: on_failure must be one of {_ON_FAILURE}, got {on_failure!r}.")
+        if forward_tol is not None and not (isinstance(forward_tol, (int, float)) and forward_tol > 0):
+            raise ValueError(f"{cls.__name__}: forward_tol must be a positive number or None, got {forward_tol!r}.")
+        self._kind = "objective" if has_objective else "residual"
+        self.solver = solver
+        self.linear_solver = linear_solver
+        self.on_failure = on_failure
+        self.forward_tol = forward_tol
+        self.last_info: Optional[SolveInfo] = None
+
+    # ------------------------------------------------------------------ override points
+    def prepare(self, *inputs: Any) -> Tuple[Any, ...]:
+        """Validate and convert the forward arguments; returns the ``inputs`` tuple."""
+        return inputs
+
+    def init(self, inputs: Tuple[Any, ...]) -> Any:
+        """The inner solver's starting point ``x0`` for these inputs."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init(inputs).")
+
+    def objective(self, x: Any, inputs: Tuple[Any, ...], params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar inner objective ``f(x, inputs, θ)`` minimised over ``x``."""
+        raise NotImplementedError
+
+    def residual(self, x: Any, inputs: Tuple[Any, ...], params: Dict[str, torch.Tensor]) -> Any:
+        """The inner residual ``F(x, inputs, θ)`` (structure of ``x``) whose root is ``x*``."""
+        raise NotImplementedError
+
+    def output(self, x: Any, inputs: Tuple[Any, ...], params: Dict[str, torch.Tensor]) -> Any:
+        """The layer's output from the solution (default: ``x`` itself)."""
+        return x
+
+    def closed_form(self, x0: Any, inputs: Tuple[Any, ...], params: Dict[str, torch.Tensor]) -> Any:
+        """The exact solution, for layers that have one (used when ``solver`` is ``None``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ machinery
+    def call_submodule(self, name: str, params: Dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Run sub-module ``name`` with its parameters taken from ``params``.
+
+        Uses :func:`torch.func.functional_call`, so the implicit gradient reaches the
+        sub-module's parameters through ``params``; buffers stay the module's own.
+        """
+        module = self.get_submodule(name)
+        prefix = name + "."
+        own = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+        return torch.func.functional_call(module, own, args, kwargs)
+
+    def _closed_form_solver(self, fn: Callable, x0: Any, inputs: Tuple[Any, ...], params: Dict) -> Any:
+        return self.closed_form(x0, inputs, params)
+
+    def forward(self, *inputs: Any) -> Any:
+        if len(inputs) == 1 and isinstance(inputs[0], tuple):
+            inputs = inputs[0]
+        inputs = tuple(self.prepare(*inputs))
+        params = dict(self.named_parameters())
+        x0 = self.init(inputs)
+        solve = implicit_solve if self._kind == "objective" else root_solve
+        fn = self.objective if self._kind == "objective" else self.residual
+        solver = self.solver if self.solver is not None else self._closed_form_solver
+        x, info = solve(
+            fn, x0, inputs, params, solver=solver, linear_solver=self.linear_solver,
+            on_failure=self.on_failure, return_info=True, forward_tol=self.forward_tol,
+        )
+        self.last_info = info
+        return self.output(x, inputs, params)
+
+    def extra_repr(self) -> str:
+        solver = "closed_form" if self.solver is None else repr(self.solver)
+        linear = "default" if self.linear_solver is None else repr(self.linear_solver)
+        return f"solver={solver}, linear_solver={linear}, on_failure={self.on_failure!r}"
