@@ -286,8 +286,9 @@ def _unrolled(problem: Problem, x0, p):
             f"{type(solver).__name__} cannot be unrolled. Use mode='implicit'."
         )
     with torch.enable_grad():
-        x, iterations = call_solver(problem, list(x0), list(p))
+        x, iterations, message = call_solver(problem, list(x0), list(p))
     problem.info.forward_iterations = iterations
+    problem.info.forward_message = message
     problem.info.forward_residual = problem.residual_norm([t.detach() for t in x], p)
     problem.info.forward_status = "unrolled"
     return x

@@ -76,7 +76,9 @@ class SolveInfo:
         initial_residual: the same norm at ``x0``, the scale the forward tolerance is
             relative to.
         forward_iterations: iterations the inner solver reports, ``None`` if it does not.
-        forward_status: ``"converged"``, ``"not_converged"`` or ``"nonfinite"``.
+        forward_status: ``"converged"``, ``"not_converged"``, ``"nonfinite"`` or
+            ``"unrolled"``.
+        forward_message: why the inner solver stopped, where it says (e.g. SciPy's message).
         backward: :class:`LinearSolveInfo` of the most recent backward (or forward-mode)
             linear solve, ``None`` until one ran.
         history: every linear solve of this node, in order (second-order derivatives
@@ -87,6 +89,7 @@ class SolveInfo:
     initial_residual: float = float("nan")
     forward_iterations: Optional[int] = None
     forward_status: str = "unknown"
+    forward_message: str = ""
     backward: Optional[LinearSolveInfo] = None
     history: list = dataclasses.field(default_factory=list)
 
