@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python}
 
 # torch first and pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 "$PYTHON" -m pip install --quiet "torch==2.13.0" || exit 1
-"$PYTHON" -m pip install --quiet -e ".[test]" || exit 1
+"$PYTHON" -m pip install --quiet -e ".[test,docs]" || exit 1
 
 "$PYTHON" -m pytest tests implicitgrad --doctest-modules -p no:cacheprovider "$@"
 status=$?
