@@ -67,7 +67,7 @@ def run_forward(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor])
         )
         return x
     residual = problem.residual_norm(x, p)
-    initial = problem.residual_norm(x0, p)
+    initial = problem.residual_norm(x0, p, check_captured=False)
     info.forward_residual, info.initial_residual = residual, initial
     tol = problem.forward_tol
     if tol is None:

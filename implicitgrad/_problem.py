@@ -110,8 +110,10 @@ class Problem:
             )
         return value.reshape(())
 
-    def residual_norm(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> float:
-        """``‖F(x, θ)‖`` (over the whole batch); also warns about captured tensors."""
+    def residual_norm(
+        self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], check_captured: bool = True
+    ) -> float:
+        """``‖F(x, θ)‖`` (over the whole batch); optionally warns about captured tensors."""
         with torch.enable_grad():
             xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
             ps = [t.detach() for t in p]
@@ -122,7 +124,8 @@ class Problem:
             else:
                 cond = self.condition_from_output(self.call(xs, ps), xs)
                 roots = cond
-            self._check_captured(roots, xs)
+            if check_captured:
+                self._check_captured(roots, xs)
         with torch.no_grad():
             return float(torch.sqrt(sum((c.double() ** 2).sum() for c in cond)))
 
