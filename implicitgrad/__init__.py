@@ -1,6 +1,6 @@
 """implicitgrad: differentiate through any inner optimizer by the implicit function theorem."""
 
-from . import linalg, nn, solvers
+from . import data, linalg, nn, solvers, testing, training
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
 from .linalg import CG, GMRES, Exact, LinearSolver, Neumann
@@ -17,6 +17,7 @@ __all__ = [
     "LinearSolver",
     "Neumann",
     "SolveInfo",
+    "data",
     "fixed_point_solve",
     "implicit",
     "implicit_solve",
@@ -24,4 +25,6 @@ __all__ = [
     "nn",
     "root_solve",
     "solvers",
+    "testing",
+    "training",
 ]

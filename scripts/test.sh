@@ -5,6 +5,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+# The suite is many small problems: one thread each avoids oversubscribing small CPUs.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # torch first and pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 "$PYTHON" -m pip install --quiet "torch==2.13.0" || exit 1

@@ -1,0 +1,38 @@
+"""Tools to test hypergradients: a checker against independent references, and test problems.
+
+* :func:`check_hypergradient` / :func:`assert_hypergradient` compare the implicit
+  hypergradient of a user's problem with a dense solve, finite differences through
+  re-solving and unrolled differentiation, and explain a mismatch.
+* :mod:`implicitgrad.testing.problems` builds well-posed bilevel problems (quadratic,
+  ridge, logistic, pytree-structured, iMAML-style) with known solutions.
+* :mod:`implicitgrad.testing.strategies` draws them as Hypothesis strategies (imported on
+  first use: it needs the ``hypothesis`` package).
+"""
+
+from . import problems
+from .check import (
+    HypergradientCheckError,
+    HypergradientReport,
+    assert_hypergradient,
+    check_hypergradient,
+    outer_takes_params,
+)
+
+__all__ = [
+    "HypergradientCheckError",
+    "HypergradientReport",
+    "assert_hypergradient",
+    "check_hypergradient",
+    "outer_takes_params",
+    "problems",
+    "strategies",
+]
+
+
+def __getattr__(name: str):
+    # Hypothesis is a test dependency: import the strategies only when asked for.
+    if name == "strategies":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.strategies")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
