@@ -110,6 +110,8 @@ class CG(LinearSolver):
             return out if damping == 0 else [o + damping * t for o, t in zip(out, v)]
 
         precond = self._flat_preconditioner(spec)
+        if batch_ndim == 0:
+            return self._solve_single(op, precond, b, x0, tol, every)
         b_norm = norm(b, batch_ndim)
         threshold = tol * b_norm
         if x0 is None:
@@ -155,6 +157,54 @@ class CG(LinearSolver):
         info = self._finish(iterations, rel, tol, status, _FIXES)
         return x, info
 
+    def _solve_single(self, op, precond, b, x0, tol, every) -> Tuple[Vector, LinearSolveInfo]:
+        """One system: the same iterates with fused updates, no per-system masks, and the
+        negative-curvature, non-finite and convergence checks read in one host sync."""
+        plain = self.preconditioner is None
+        b_norm = _flat_dot(b, b).sqrt()
+        threshold2 = (tol * b_norm) ** 2
+        if x0 is None:
+            x = [torch.zeros_like(t) for t in b]
+            r = [t.clone() for t in b]
+        else:
+            x = [t.clone() for t in x0]
+            r = [bi - ai for bi, ai in zip(b, op(x))]
+        z = r if plain else precond(r)
+        p = [t.clone() for t in z]
+        rz = _flat_dot(r, z)
+        rr = rz if plain else _flat_dot(r, r)
+        min_pap = None
+        status, iterations = None, 0
+        for k in range(1, self.maxiter + 1):
+            if k == 1 and bool(rr <= threshold2):
+                break
+            ap = op(p)
+            pap = _flat_dot(p, ap)
+            min_pap = pap if min_pap is None else torch.minimum(min_pap, pap)
+            alpha = rz / pap
+            x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
+            r = [torch.addcmul(ri, -alpha, ai) for ri, ai in zip(r, ap)]
+            z = r if plain else precond(r)
+            rz_new = _flat_dot(r, z)
+            rr = rz_new if plain else _flat_dot(r, r)
+            iterations = k
+            if k % every == 0 or k == self.maxiter:
+                negative, nonfinite, done = torch.stack(
+                    [min_pap <= 0, ~torch.isfinite(rr), rr <= threshold2]
+                ).tolist()
+                if negative:
+                    status = "negative_curvature"
+                    break
+                if nonfinite:
+                    status = "nonfinite"
+                    break
+                if done:
+                    break
+            p = [torch.addcmul(zi, rz_new / rz, pi) for zi, pi in zip(z, p)]
+            rz = rz_new
+        rel = safe_div(rr.clamp_min(0).sqrt(), b_norm)
+        return x, self._finish(iterations, rel, tol, status, _FIXES)
+
     def _flat_preconditioner(self, spec) -> Callable[[Vector], Vector]:
         if self.preconditioner is None:
             return lambda v: v
@@ -162,6 +212,15 @@ class CG(LinearSolver):
         if spec is None:
             return lambda v: list(m(v))
         return lambda v: tree_flatten(m(tree_unflatten(v, spec)))[0]
+
+
+def _flat_dot(a: Vector, b: Vector) -> torch.Tensor:
+    """Inner product over all leaves of one system."""
+    total = None
+    for x, y in zip(a, b):
+        term = torch.dot(x.reshape(-1), y.reshape(-1))
+        total = term if total is None else total + term
+    return total
 
 
 _FIXES = {
