@@ -126,3 +126,17 @@ def test_zero_right_hand_side():
 def test_exact_refuses_huge_systems():
     with pytest.raises(ValueError, match="max_size"):
         ig.Exact(max_size=10)(lambda v: v, torch.ones(11, dtype=DT))
+
+
+def test_negative_curvature_keeps_last_iterate_and_spares_other_systems():
+    A = torch.stack([torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT)),
+                     torch.diag(torch.tensor([1.0, -1.0, 2.0, 3.0], dtype=DT))])
+    b = torch.ones(2, 4, dtype=DT)
+    x, info = ig.CG(maxiter=50)(lambda v: torch.einsum("bij,bj->bi", A, v), b, batch_ndim=1)
+    assert info.status == "negative_curvature"
+    assert rel_err(x[0], torch.linalg.solve(A[0], b[0])) <= 1e-12  # the healthy system converges
+    # The indefinite one stops before the step along its negative direction: the first
+    # CG iterate, (bᵀb / bᵀAb) b = 0.8 b.
+    assert torch.allclose(x[1], 0.8 * b[1])
+    x_single, info = ig.CG(maxiter=50)(lambda v: A[1] @ v, b[1])
+    assert info.status == "negative_curvature" and torch.allclose(x_single, 0.8 * b[1])

@@ -51,7 +51,9 @@ class CG(LinearSolver):
             ``None``: every iteration on CPU, every 10 elsewhere.
 
     Negative curvature (``pᵀ A p ≤ 0``) stops the solve with status
-    ``"negative_curvature"``: the Hessian is not positive definite at ``x``.
+    ``"negative_curvature"``: the Hessian is not positive definite at ``x``. The step along
+    that direction is not taken, so the solution is the last iterate before it (as in
+    truncated CG); in a batch only the affected system stops, the others go on.
 
     Example:
         >>> import torch, implicitgrad as ig
@@ -130,29 +132,31 @@ class CG(LinearSolver):
         for k in range(1, self.maxiter + 1):
             if k == 1 and bool((r_norm <= threshold).all()):
                 break
-            active = r_norm > threshold
+            # A system that met negative curvature keeps its last iterate (the step along
+            # a direction of non-positive curvature is not taken) and leaves the batch;
+            # the others go on.
+            active = (r_norm > threshold) & ~negative
             ap = op(p)
             pap = dot(p, ap, batch_ndim)
             negative = negative | (active & (pap <= 0))
-            alpha = torch.where(active, safe_div(rz, pap), torch.zeros_like(rz))
+            alpha = torch.where(active & ~negative, safe_div(rz, pap), torch.zeros_like(rz))
             x = axpy(alpha, p, x)
             r = axpy(-alpha, ap, r)
             iterations = k
             r_norm = norm(r, batch_ndim)
             if k % every == 0 or k == self.maxiter:
-                if bool(negative.any()):
-                    status = "negative_curvature"
-                    break
                 if not bool(torch.isfinite(r_norm).all()):
                     status = "nonfinite"
                     break
-                if bool((r_norm <= threshold).all()):
+                if bool(((r_norm <= threshold) | negative).all()):
                     break
             z = precond(r)
             rz_new = dot(r, z, batch_ndim)
             beta = safe_div(rz_new, rz)
             p = axpy(beta, p, z)
             rz = rz_new
+        if status is None and bool(negative.any()):
+            status = "negative_curvature"
         rel = safe_div(r_norm, b_norm)
         info = self._finish(iterations, rel, tol, status, _FIXES)
         return x, info
@@ -173,15 +177,16 @@ class CG(LinearSolver):
         p = [t.clone() for t in z]
         rz = _flat_dot(r, z)
         rr = rz if plain else _flat_dot(r, r)
-        min_pap = None
+        healthy = torch.ones((), dtype=torch.bool, device=rr.device)
         status, iterations = None, 0
         for k in range(1, self.maxiter + 1):
             if k == 1 and bool(rr <= threshold2):
                 break
             ap = op(p)
             pap = _flat_dot(p, ap)
-            min_pap = pap if min_pap is None else torch.minimum(min_pap, pap)
-            alpha = rz / pap
+            # No step along a direction of non-positive curvature: x keeps its last iterate.
+            healthy = healthy & (pap > 0)
+            alpha = torch.where(healthy, rz / pap, torch.zeros_like(pap))
             x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
             r = [torch.addcmul(ri, -alpha, ai) for ri, ai in zip(r, ap)]
             z = r if plain else precond(r)
@@ -189,14 +194,14 @@ class CG(LinearSolver):
             rr = rz_new if plain else _flat_dot(r, r)
             iterations = k
             if k % every == 0 or k == self.maxiter:
-                negative, nonfinite, done = torch.stack(
-                    [min_pap <= 0, ~torch.isfinite(rr), rr <= threshold2]
+                nonfinite, negative, done = torch.stack(
+                    [~torch.isfinite(rr), ~healthy, rr <= threshold2]
                 ).tolist()
-                if negative:
-                    status = "negative_curvature"
-                    break
                 if nonfinite:
                     status = "nonfinite"
+                    break
+                if negative:
+                    status = "negative_curvature"
                     break
                 if done:
                     break
