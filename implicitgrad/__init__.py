@@ -1,6 +1,6 @@
 """implicitgrad: differentiate through any inner optimizer by the implicit function theorem."""
 
-from . import data, linalg, nn, solvers, testing, training
+from . import data, linalg, meta, nn, solvers, testing, training
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
 from .linalg import CG, GMRES, Exact, LinearSolver, Neumann
@@ -22,6 +22,7 @@ __all__ = [
     "implicit",
     "implicit_solve",
     "linalg",
+    "meta",
     "nn",
     "root_solve",
     "solvers",
