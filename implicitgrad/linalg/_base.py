@@ -155,6 +155,27 @@ class LinearSolver:
         )
 
 
+class IterativeSolver(LinearSolver):
+    """A linear solver that iterates: ``maxiter``, ``tol`` and ``check_every`` in common."""
+
+    def __init__(self, maxiter: int, tol: Optional[float], check_every: Optional[int]) -> None:
+        name = type(self).__name__
+        if int(maxiter) < 1:
+            raise ValueError(f"{name}: maxiter must be a positive integer, got {maxiter!r}.")
+        if tol is not None and not tol > 0:
+            raise ValueError(f"{name}: tol must be positive, got {tol!r}.")
+        if check_every is not None and int(check_every) < 1:
+            raise ValueError(f"{name}: check_every must be a positive integer, got {check_every!r}.")
+        self.maxiter = int(maxiter)
+        self.tol = tol
+        self.check_every = check_every
+
+    def _tolerances(self, b: Vector) -> Tuple[float, int]:
+        """The relative tolerance and the check interval for a right-hand side ``b``."""
+        tol = self.tol if self.tol is not None else default_tol(b[0].dtype)
+        return tol, check_interval(self.check_every, b[0].device)
+
+
 NONFINITE_FIX = (
     "Non-finite values appeared in the linear solve: check the inner solution and the "
     "parameters for NaN/Inf, and that the objective is twice differentiable at x*."

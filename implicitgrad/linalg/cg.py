@@ -10,19 +10,17 @@ from .._diagnostics import LinearSolveInfo
 from .._tree import tree_flatten, tree_unflatten
 from ._base import (
     NONFINITE_FIX,
-    LinearSolver,
+    IterativeSolver,
     Matvec,
     Vector,
     axpy,
-    check_interval,
-    default_tol,
     dot,
     norm,
     safe_div,
 )
 
 
-class CG(LinearSolver):
+class CG(IterativeSolver):
     r"""Preconditioned conjugate gradient for ``(A + damping·I) x = b``.
 
     For symmetric positive definite ``A`` (the Hessian of a strictly convex objective at
@@ -77,19 +75,13 @@ class CG(LinearSolver):
         preconditioner: Optional[Callable] = None,
         check_every: Optional[int] = None,
     ) -> None:
-        if int(maxiter) < 1:
-            raise ValueError(f"CG: maxiter must be a positive integer, got {maxiter!r}.")
-        if tol is not None and not tol > 0:
-            raise ValueError(f"CG: tol must be positive, got {tol!r}.")
         if not damping >= 0:
             raise ValueError(f"CG: damping must be non-negative, got {damping!r}.")
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError("CG: preconditioner must be a callable r -> M r.")
-        self.maxiter = int(maxiter)
-        self.tol = tol
+        super().__init__(maxiter, tol, check_every)
         self.damping = float(damping)
         self.preconditioner = preconditioner
-        self.check_every = check_every
 
     def __repr__(self) -> str:
         return f"CG(maxiter={self.maxiter}, tol={self.tol}, damping={self.damping})"
@@ -103,8 +95,7 @@ class CG(LinearSolver):
         batch_ndim: int = 0,
         spec=None,
     ) -> Tuple[Vector, LinearSolveInfo]:
-        tol = self.tol if self.tol is not None else default_tol(b[0].dtype)
-        every = check_interval(self.check_every, b[0].device)
+        tol, every = self._tolerances(b)
         damping = self.damping
 
         def op(v: Vector) -> Vector:

@@ -9,12 +9,10 @@ import torch
 from .._diagnostics import LinearSolveInfo
 from ._base import (
     NONFINITE_FIX,
-    LinearSolver,
+    IterativeSolver,
     Matvec,
     Vector,
     axpy,
-    check_interval,
-    default_tol,
     dot,
     norm,
     safe_div,
@@ -22,7 +20,7 @@ from ._base import (
 )
 
 
-class GMRES(LinearSolver):
+class GMRES(IterativeSolver):
     r"""Restarted GMRES(m) for ``A x = b`` with any non-singular ``A``.
 
     Each cycle builds an orthonormal basis :math:`V_m` of the Krylov space
@@ -59,16 +57,10 @@ class GMRES(LinearSolver):
         tol: Optional[float] = None,
         check_every: Optional[int] = None,
     ) -> None:
-        if int(maxiter) < 1:
-            raise ValueError(f"GMRES: maxiter must be a positive integer, got {maxiter!r}.")
         if int(restart) < 1:
             raise ValueError(f"GMRES: restart must be a positive integer, got {restart!r}.")
-        if tol is not None and not tol > 0:
-            raise ValueError(f"GMRES: tol must be positive, got {tol!r}.")
-        self.maxiter = int(maxiter)
+        super().__init__(maxiter, tol, check_every)
         self.restart = int(restart)
-        self.tol = tol
-        self.check_every = check_every
 
     def __repr__(self) -> str:
         return f"GMRES(maxiter={self.maxiter}, restart={self.restart}, tol={self.tol})"
@@ -82,8 +74,7 @@ class GMRES(LinearSolver):
         batch_ndim: int = 0,
         spec=None,
     ) -> Tuple[Vector, LinearSolveInfo]:
-        tol = self.tol if self.tol is not None else default_tol(b[0].dtype)
-        every = check_interval(self.check_every, b[0].device)
+        tol, every = self._tolerances(b)
         b_norm = norm(b, batch_ndim)
         threshold = tol * b_norm
         x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]

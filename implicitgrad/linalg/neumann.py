@@ -9,17 +9,15 @@ import torch
 from .._diagnostics import LinearSolveInfo
 from ._base import (
     NONFINITE_FIX,
-    LinearSolver,
+    IterativeSolver,
     Matvec,
     Vector,
-    check_interval,
-    default_tol,
     norm,
     safe_div,
 )
 
 
-class Neumann(LinearSolver):
+class Neumann(IterativeSolver):
     r"""Solve ``A x = b`` by the truncated Neumann series of ``A^{-1}``.
 
     .. math::
@@ -64,16 +62,10 @@ class Neumann(LinearSolver):
         tol: Optional[float] = None,
         check_every: Optional[int] = None,
     ) -> None:
-        if int(maxiter) < 1:
-            raise ValueError(f"Neumann: maxiter must be a positive integer, got {maxiter!r}.")
         if not alpha > 0:
             raise ValueError(f"Neumann: alpha must be positive, got {alpha!r}.")
-        if tol is not None and not tol > 0:
-            raise ValueError(f"Neumann: tol must be positive, got {tol!r}.")
-        self.maxiter = int(maxiter)
+        super().__init__(maxiter, tol, check_every)
         self.alpha = float(alpha)
-        self.tol = tol
-        self.check_every = check_every
 
     def __repr__(self) -> str:
         return f"Neumann(maxiter={self.maxiter}, alpha={self.alpha}, tol={self.tol})"
@@ -87,8 +79,7 @@ class Neumann(LinearSolver):
         batch_ndim: int = 0,
         spec=None,
     ) -> Tuple[Vector, LinearSolveInfo]:
-        tol = self.tol if self.tol is not None else default_tol(b[0].dtype)
-        every = check_interval(self.check_every, b[0].device)
+        tol, every = self._tolerances(b)
         alpha = self.alpha
         b_norm = norm(b, batch_ndim)
         if x0 is None:
