@@ -117,8 +117,14 @@ def train_learner(name: str, learner: meta.MetaLearner, sample_tasks: Callable[[
     def step(_: int) -> dict:
         start = time.perf_counter()
         loss = learner.meta_step(meta.shard_tasks(sample_tasks()))
-        optimizer.step()
-        return {"loss": loss, "seconds": time.perf_counter() - start}
+        # A meta-batch whose inner solve diverged (a non-finite loss or meta-gradient) is
+        # dropped rather than allowed to turn the meta-parameters into NaN; it is counted.
+        finite = math.isfinite(float(loss)) and all(
+            bool(torch.isfinite(p.grad).all()) for p in learner.meta_parameters() if p.grad is not None
+        )
+        if finite:
+            optimizer.step()
+        return {"loss": loss, "seconds": time.perf_counter() - start, "skipped": int(not finite)}
 
     # A method that had not started before an interruption has no checkpoint yet: start it afresh.
     resume = args.resume and checkpoint.is_file()
@@ -170,7 +176,7 @@ def batched_eval(fn: Callable, tensors: Sequence[torch.Tensor], chunk: int = 100
 #: Inner step size and steps of the gradient-step methods (training and test alike).
 INNER_LR, INNER_STEPS = 0.02, 5
 #: iMAML: proximal strength, gradient steps on the proximal objective, CG steps.
-IMAML_LAM, IMAML_LR, IMAML_STEPS, IMAML_CG = 5.0, 0.005, 40, 5
+IMAML_LAM, IMAML_LR, IMAML_STEPS, IMAML_CG = 5.0, 0.003, 60, 5
 #: The adaptation curves run this many gradient steps.
 CURVE_STEPS = 20
 
