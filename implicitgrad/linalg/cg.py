@@ -49,9 +49,7 @@ class CG(IterativeSolver):
             ``None``: every iteration on CPU, every 10 elsewhere.
 
     Negative curvature (``pᵀ A p ≤ 0``) stops the solve with status
-    ``"negative_curvature"``: the Hessian is not positive definite at ``x`` (curvature below
-    machine precision relative to the largest met counts too: a numerically singular
-    direction). The step along
+    ``"negative_curvature"``: the Hessian is not positive definite at ``x``. The step along
     that direction is not taken, so the solution is the last iterate before it (as in
     truncated CG); in a batch only the affected system stops, the others go on.
 
@@ -120,8 +118,6 @@ class CG(IterativeSolver):
         rz = dot(r, z, batch_ndim)
         r_norm = norm(r, batch_ndim)
         negative = torch.zeros_like(r_norm, dtype=torch.bool)
-        eps = torch.finfo(r_norm.dtype).eps
-        peak = torch.zeros_like(r_norm)
         status = None
         iterations = 0
         for k in range(1, self.maxiter + 1):
@@ -133,9 +129,7 @@ class CG(IterativeSolver):
             active = (r_norm > threshold) & ~negative
             ap = op(p)
             pap = dot(p, ap, batch_ndim)
-            pp = dot(p, p, batch_ndim)
-            peak = torch.maximum(peak, safe_div(pap, pp))
-            negative = negative | (active & (pap <= eps * peak * pp))
+            negative = negative | (active & (pap <= 0))
             alpha = torch.where(active & ~negative, safe_div(rz, pap), torch.zeros_like(rz))
             x = axpy(alpha, p, x)
             r = axpy(-alpha, ap, r)
@@ -175,20 +169,14 @@ class CG(IterativeSolver):
         rz = _flat_dot(r, z)
         rr = rz if plain else _flat_dot(r, r)
         healthy = torch.ones((), dtype=torch.bool, device=rr.device)
-        eps = torch.finfo(rr.dtype).eps
-        peak = torch.zeros_like(rr)
         status, iterations = None, 0
         for k in range(1, self.maxiter + 1):
             if k == 1 and bool(rr <= threshold2):
                 break
             ap = op(p)
             pap = _flat_dot(p, ap)
-            pp = _flat_dot(p, p)
-            # No step along a direction of non-positive curvature, or of curvature below
-            # machine precision relative to the largest seen (a numerically singular
-            # direction, whose step would overflow): x keeps its last iterate.
-            peak = torch.maximum(peak, pap / pp)
-            healthy = healthy & (pap > eps * peak * pp)
+            # No step along a direction of non-positive curvature: x keeps its last iterate.
+            healthy = healthy & (pap > 0)
             alpha = torch.where(healthy, rz / pap, torch.zeros_like(pap))
             x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
             r = [torch.addcmul(ri, -alpha, ai) for ri, ai in zip(r, ap)]
