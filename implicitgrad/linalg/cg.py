@@ -169,6 +169,7 @@ class CG(IterativeSolver):
         rz = _flat_dot(r, z)
         rr = rz if plain else _flat_dot(r, r)
         healthy = torch.ones((), dtype=torch.bool, device=rr.device)
+        zero = torch.zeros((), dtype=rr.dtype, device=rr.device)
         status, iterations = None, 0
         for k in range(1, self.maxiter + 1):
             if k == 1 and bool(rr <= threshold2):
@@ -177,7 +178,7 @@ class CG(IterativeSolver):
             pap = _flat_dot(p, ap)
             # No step along a direction of non-positive curvature: x keeps its last iterate.
             healthy = healthy & (pap > 0)
-            alpha = torch.where(healthy, rz / pap, torch.zeros_like(pap))
+            alpha = torch.where(healthy, rz / pap, zero)
             x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
             r = [torch.addcmul(ri, -alpha, ai) for ri, ai in zip(r, ap)]
             z = r if plain else precond(r)
