@@ -9,7 +9,7 @@ import torch
 
 from ._diagnostics import SolveInfo, check_on_failure
 from ._forward import call_solver
-from ._functions import ImplicitSolve
+from ._functions import ImplicitSolve, _wrapped
 from ._problem import Problem
 from ._tree import is_float_tensor, tree_flatten
 from .linalg import CG, GMRES
@@ -310,16 +310,8 @@ def _check_inputs(x_tensors, p_tensors) -> None:
             "(e.g. .to('cuda'))."
         )
     for t in p_tensors:
-        if is_float_tensor(t) and not _is_wrapped(t) and not bool(torch.isfinite(t).all()):
+        if is_float_tensor(t) and not _wrapped([t]) and not bool(torch.isfinite(t).all()):
             raise ValueError(
                 f"a parameter of shape {tuple(t.shape)} contains NaN/Inf; the inner problem "
                 "and its gradient are undefined. Check the hyperparameters and data."
             )
-
-
-def _is_wrapped(t) -> bool:
-    from torch._C._functorch import is_functorch_wrapped_tensor
-
-    return is_functorch_wrapped_tensor(t)
-
-
