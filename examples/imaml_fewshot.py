@@ -40,13 +40,13 @@ from imaml_sinusoid import (
     add_meta_arguments,
     batched_eval,
     init_distributed,
+    make_learner,
     mean_ci,
     resolve_meta_arguments,
     smooth,
     train_learner,
 )
 
-import implicitgrad as ig
 import implicitgrad.meta as meta
 from implicitgrad.data import EpisodeSampler, load_digits_fewshot, load_omniglot
 
@@ -73,15 +73,8 @@ def build_model(dataset: str, n_way: int) -> torch.nn.Module:
 
 
 def build_learner(method: str, model: torch.nn.Module, lam: float) -> meta.MetaLearner:
-    loss = torch.nn.functional.cross_entropy
-    if method == "imaml":
-        # A fixed budget of inner steps, as in the iMAML paper: the forward residual is
-        # measured (see .last_info) and accepted up to forward_tol instead of warned about.
-        return meta.IMAML(model, loss, lam=lam,
-                          inner_solver=ig.solvers.GradientDescent(lr=IMAML_LR, maxiter=IMAML_STEPS, tol=0),
-                          linear_solver=ig.CG(maxiter=IMAML_CG), forward_tol=1.0, on_failure="ignore")
-    cls = {"maml": meta.MAML, "fomaml": meta.FOMAML, "reptile": meta.Reptile, "pretrained": meta.JointTraining}[method]
-    return cls(model, loss, inner_lr=INNER_LR, inner_steps=INNER_STEPS)
+    return make_learner(method, model, torch.nn.functional.cross_entropy, lam, imaml_lr=IMAML_LR,
+                        imaml_steps=IMAML_STEPS, imaml_cg=IMAML_CG, inner_lr=INNER_LR, inner_steps=INNER_STEPS)
 
 
 def inner_lr(method: str) -> float:

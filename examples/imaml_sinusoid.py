@@ -187,16 +187,22 @@ def build_model() -> torch.nn.Module:
     )
 
 
-def build_learner(method: str, model: torch.nn.Module, lam: float) -> meta.MetaLearner:
-    loss = torch.nn.functional.mse_loss
+def make_learner(method: str, model: torch.nn.Module, loss: Callable, lam: float, *, imaml_lr: float,
+                 imaml_steps: int, imaml_cg: int, inner_lr: float, inner_steps: int) -> meta.MetaLearner:
+    """One of the compared methods with the given inner budgets (shared by both examples)."""
     if method == "imaml":
         # A fixed budget of inner steps, as in the iMAML paper: the forward residual is
         # measured (see .last_info) and accepted up to forward_tol instead of warned about.
         return meta.IMAML(model, loss, lam=lam,
-                          inner_solver=ig.solvers.GradientDescent(lr=IMAML_LR, maxiter=IMAML_STEPS, tol=0),
-                          linear_solver=ig.CG(maxiter=IMAML_CG), forward_tol=1.0, on_failure="ignore")
+                          inner_solver=ig.solvers.GradientDescent(lr=imaml_lr, maxiter=imaml_steps, tol=0),
+                          linear_solver=ig.CG(maxiter=imaml_cg), forward_tol=1.0, on_failure="ignore")
     cls = {"maml": meta.MAML, "fomaml": meta.FOMAML, "reptile": meta.Reptile, "pretrained": meta.JointTraining}[method]
-    return cls(model, loss, inner_lr=INNER_LR, inner_steps=INNER_STEPS)
+    return cls(model, loss, inner_lr=inner_lr, inner_steps=inner_steps)
+
+
+def build_learner(method: str, model: torch.nn.Module, lam: float) -> meta.MetaLearner:
+    return make_learner(method, model, torch.nn.functional.mse_loss, lam, imaml_lr=IMAML_LR,
+                        imaml_steps=IMAML_STEPS, imaml_cg=IMAML_CG, inner_lr=INNER_LR, inner_steps=INNER_STEPS)
 
 
 def inner_lr(method: str) -> float:
