@@ -1,12 +1,13 @@
 """Inner solvers: anything that maps ``(fn, x0, *params)`` to a solution.
 
-Built-in loops (:class:`GradientDescent`, :class:`FixedPointIteration`) and adapters that
+Built-in loops (:class:`GradientDescent`, :class:`AcceleratedGradient`, :class:`FixedPointIteration`) and adapters that
 run an existing optimizer: any ``torch.optim`` class (:class:`TorchOptimizer`), TorchOpt's
 functional optimizers (:class:`TorchOpt`) and ``scipy.optimize.minimize`` (:class:`SciPy`).
 All subclass :class:`InnerSolver` and report a :class:`SolverStats`.
 """
 
 from ._base import InnerSolver, SolverStats
+from .accelerated import AcceleratedGradient
 from .fixed_point import FixedPointIteration
 from .gradient_descent import GradientDescent
 from .scipy_adapter import SciPy
@@ -14,6 +15,7 @@ from .torch_optimizer import TorchOptimizer
 from .torchopt_adapter import TorchOpt
 
 __all__ = [
+    "AcceleratedGradient",
     "FixedPointIteration",
     "GradientDescent",
     "InnerSolver",

@@ -39,10 +39,14 @@ class InnerSolver:
     * ``unrollable``: it can run with autograd recording (``mode="unrolled"``).
     * ``batchable``: it can solve a sum of independent problems jointly (used under
       ``torch.func.vmap``); otherwise a batch is solved problem by problem.
+    * ``per_system``: with ``batchable``, its :meth:`run` takes ``batch_ndim=k`` (the
+      leading ``k`` dims of every leaf index the independent problems) and treats each
+      problem on its own: step sizes, stopping rule.
     """
 
     unrollable: bool = False
     batchable: bool = False
+    per_system: bool = False
 
     def __call__(self, fn: Callable, x0: Any, *params: Any) -> Any:
         return self.run(fn, x0, *params)[0]
