@@ -114,6 +114,12 @@ class Problem:
         self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], check_captured: bool = True
     ) -> float:
         """``‖F(x, θ)‖`` (over the whole batch); optionally warns about captured tensors."""
+        return float(self.residual_norms(x, p, check_captured).square().sum().sqrt())
+
+    def residual_norms(
+        self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], check_captured: bool = True
+    ) -> torch.Tensor:
+        """``‖F(x, θ)‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64."""
         with torch.enable_grad():
             xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
             ps = [t.detach() for t in p]
@@ -127,7 +133,8 @@ class Problem:
             if check_captured:
                 self._check_captured(roots, xs)
         with torch.no_grad():
-            return float(torch.sqrt(sum((c.double() ** 2).sum() for c in cond)))
+            n = self.batch_ndim
+            return torch.sqrt(sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in cond))
 
     def _check_captured(self, roots: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> None:
         """Warn when the function reaches tensors that require grad but are not params."""
