@@ -423,3 +423,69 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b), name
     for name, a in imaml_a.log_lam.items():
         assert torch.equal(a, imaml_b.log_lam[name])
+
+
+# ---------------------------------------------------------------------------- iMAML defaults and diagnostics
+def test_imaml_defaults_solve_the_proximal_problem_and_match_the_closed_form():
+    """IMAML(model, loss) with its default λ, inner solver and CG: the closed-form meta-gradient."""
+    model, tasks = make_model(), make_tasks()
+    imaml = meta.IMAML(model, mse_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        imaml.meta_step(tasks)
+    ref = closed_form("imaml", theta_of(model), tasks, lam=meta.imaml.DEFAULT_LAM)[: D + 1]
+    # The inner solve stops at half the float64 forward tolerance (1e-6): the error is of that order.
+    assert rel_err(grad_of(model), ref) <= 1e-5
+    assert imaml.inner_converged_fraction == 1.0
+
+
+def test_imaml_check_every_records_the_cosine_with_the_unrolled_adaptation():
+    model, tasks = make_model(), make_tasks()
+    imaml = meta.IMAML(model, mse_loss, lam=2.0, check_every=2)
+    for _ in range(3):
+        imaml.meta_step(tasks)
+    assert [c["step"] for c in imaml.gradient_checks] == [1, 3]
+    # A solved inner problem: the implicit meta-gradient is the derivative of the adaptation.
+    assert all(c["cosine"] > 1 - 1e-8 and c["relative_difference"] < 1e-4 for c in imaml.gradient_checks)
+
+
+def test_imaml_check_every_sees_a_truncated_adaptation():
+    """Three gradient steps are far from the minimiser: the implicit meta-gradient drifts from the truth."""
+    model, tasks = make_model(), make_tasks()
+    imaml = fixed_step_imaml(model, check_every=1, forward_tol=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ig.ImplicitGradWarning)
+        imaml.meta_step(tasks)
+    check = imaml.gradient_checks[0]
+    assert check["relative_difference"] > 1e-2 and check["cosine"] < 1 - 1e-6
+
+
+def test_imaml_check_every_needs_an_unrollable_inner_solver():
+    with pytest.raises(ValueError, match="cannot be unrolled"):
+        meta.IMAML(make_model(), mse_loss, 1.0, exact_inner, check_every=5)
+    with pytest.raises(ValueError, match="check_every"):
+        meta.IMAML(make_model(), mse_loss, 1.0, check_every=0)
+
+
+def test_imaml_counts_tasks_whose_inner_problem_is_not_solved():
+    model, tasks = make_model(), make_tasks()
+    imaml = fixed_step_imaml(model, on_failure="ignore")
+    imaml.meta_step(tasks)
+    assert imaml.inner_tasks == len(tasks) and imaml.inner_converged_fraction == 0.0
+
+
+class WorseThanZero(ig.LinearSolver):
+    """Claims convergence but returns a solution far worse than u = 0."""
+
+    def solve(self, matvec, b, *, x0=None, batch_ndim=0, spec=None):
+        u = [10 * t for t in b]
+        r = [bi - ai for bi, ai in zip(b, matvec(u))]
+        res = float(torch.sqrt(sum((t ** 2).sum() for t in r)) / torch.sqrt(sum((t ** 2).sum() for t in b)))
+        return u, ig.LinearSolveInfo(iterations=1, residual=res, converged=True, status="converged", solver="bad")
+
+
+def test_imaml_reports_a_backward_solution_worse_than_zero_whatever_its_status():
+    model, tasks = make_model(), make_tasks()
+    imaml = meta.IMAML(model, mse_loss, lam=2.0, linear_solver=WorseThanZero(), batched=False)
+    with pytest.warns(ig.ImplicitGradWarning, match="worse than u = 0"):
+        imaml.meta_step(tasks)
