@@ -45,6 +45,7 @@ from imaml_sinusoid import (
     resolve_meta_arguments,
     smooth,
     train_learner,
+    training_summary,
 )
 
 import implicitgrad.meta as meta
@@ -52,33 +53,31 @@ from implicitgrad.data import EpisodeSampler, load_digits_fewshot, load_omniglot
 
 #: Inner step size and steps of the gradient-step methods (training and test alike).
 INNER_LR, INNER_STEPS = 0.2, 5
-#: iMAML: proximal strength, gradient steps on the proximal objective, CG steps.
-IMAML_LAM, IMAML_LR, IMAML_STEPS, IMAML_CG = 0.1, 0.3, 20, 5
+#: iMAML: proximal strength (the inner and backward solves are IMAML's defaults).
+IMAML_LAM = 2.0
 #: The adaptation curves run this many gradient steps.
 CURVE_STEPS = 20
 
 
 def build_model(dataset: str, n_way: int) -> torch.nn.Module:
+    # Smooth layers only (GELU, average pooling): iMAML's meta-gradient needs a twice-differentiable
+    # support loss; with ReLU the proximal problem's gradient norm plateaus at a kink.
     if dataset == "digits":
         return torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
-            torch.nn.ReLU(), torch.nn.Linear(128, n_way),
+            torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+            torch.nn.GELU(), torch.nn.Linear(128, n_way),
         )
     blocks: list = []
     channels = 1
     for _ in range(4):
-        blocks += [torch.nn.Conv2d(channels, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        blocks += [torch.nn.Conv2d(channels, 64, 3, padding=1), torch.nn.GELU(), torch.nn.AvgPool2d(2)]
         channels = 64
     return torch.nn.Sequential(*blocks, torch.nn.Flatten(), torch.nn.Linear(64, n_way))
 
 
-def build_learner(method: str, model: torch.nn.Module, lam: float) -> meta.MetaLearner:
-    return make_learner(method, model, torch.nn.functional.cross_entropy, lam, imaml_lr=IMAML_LR,
-                        imaml_steps=IMAML_STEPS, imaml_cg=IMAML_CG, inner_lr=INNER_LR, inner_steps=INNER_STEPS)
-
-
-def inner_lr(method: str) -> float:
-    return IMAML_LR if method == "imaml" else INNER_LR
+def build_learner(method: str, model: torch.nn.Module, lam: float, check_every: Optional[int] = None):
+    return make_learner(method, model, torch.nn.functional.cross_entropy, lam, inner_lr=INNER_LR,
+                        inner_steps=INNER_STEPS, check_every=check_every)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,20 +88,27 @@ def load(args, device):
     if args.dataset == "omniglot":
         data = load_omniglot(args.root, image_size=28)
     else:
-        data = load_digits_fewshot()
+        # 24 classes to meta-train on, 6 to validate on (early stopping), 10 to test on.
+        data = load_digits_fewshot(num_val_classes=6)
     return data._replace(images=data.images.to(device))
+
+
+def evaluate_accuracy(learner: meta.MetaLearner, tasks) -> tuple:
+    """Mean and 95% CI of the query accuracy after the learner's own adaptation."""
+
+    def adapted_accuracy(x_s, y_s, x_q, y_q):
+        return accuracy(learner.predict(learner.adapt(x_s, y_s), x_q), y_q)
+
+    return mean_ci(batched_eval(adapted_accuracy, tasks))
 
 
 def evaluate(method: str, learner: meta.MetaLearner, tasks) -> tuple:
     """Held-out accuracy after the learner's own adaptation, and the mean accuracy after 0..CURVE_STEPS steps."""
 
-    def adapted_accuracy(x_s, y_s, x_q, y_q):
-        return accuracy(learner.predict(learner.adapt(x_s, y_s), x_q), y_q)
-
     def curve(x_s, y_s, x_q, y_q):
-        return adaptation_curve(learner, inner_lr(method), CURVE_STEPS, accuracy, x_s, y_s, x_q, y_q)
+        return adaptation_curve(learner, INNER_LR, CURVE_STEPS, accuracy, x_s, y_s, x_q, y_q)
 
-    mean, ci = mean_ci(batched_eval(adapted_accuracy, tasks))
+    mean, ci = evaluate_accuracy(learner, tasks)
     result = {"accuracy": mean, "ci95": ci}
     if method == "imaml":
         learner.adapt(tasks[0][0], tasks[1][0])
@@ -136,21 +142,30 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                   classes=data.test_classes)
     episodes = eval_sampler.sample(args.eval_tasks, generator=torch.Generator().manual_seed(args.seed + 10_000))
     eval_tasks = [torch.stack(parts) for parts in zip(*episodes)]
+    if data.val_classes:
+        val_sampler = EpisodeSampler(data.images, data.labels, args.n_way, args.k_shot, args.k_query,
+                                     classes=data.val_classes)
+        val_episodes = val_sampler.sample(args.val_tasks, generator=torch.Generator().manual_seed(args.seed + 20_000))
+    else:  # a dataset without validation classes: validate on held-out training episodes
+        val_episodes = EpisodeSampler(data.images, data.labels, args.n_way, args.k_shot, args.k_query,
+                                      classes=data.train_classes).sample(
+            args.val_tasks, generator=torch.Generator().manual_seed(args.seed + 20_000))
+    val_tasks = [torch.stack(parts) for parts in zip(*val_episodes)]
     tag = f"{args.dataset}-{args.n_way}way{args.k_shot}shot"
     results, histories, curves = {}, {}, {}
     for method in args.methods:
         torch.manual_seed(args.seed)
-        learner = build_learner(method, build_model(args.dataset, args.n_way).to(device), args.lam)
+        learner = build_learner(method, build_model(args.dataset, args.n_way).to(device), args.lam, args.check_every)
         sampler = EpisodeSampler(data.images, data.labels, args.n_way, args.k_shot, args.k_query,
                                  classes=data.train_classes)
         generator = torch.Generator().manual_seed(args.seed + 1)
         checkpoint = args.out / "checkpoints" / f"{tag}-{method}-rank{rank}.pt"
         histories[method] = train_learner(
             method, learner, lambda s=sampler, g=generator: s.sample(args.meta_batch, generator=g), generator,
-            args, checkpoint, rank)
+            args, checkpoint, rank, lambda learner=learner: evaluate_accuracy(learner, val_tasks)[0])
         if rank == 0:
             results[method], curves[method] = evaluate(method, learner, eval_tasks)
-            results[method]["train_seconds"] = sum(histories[method]["seconds"])
+            results[method].update(training_summary(method, learner, histories[method]))
 
     if rank != 0:
         return {}
@@ -161,8 +176,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print_summary(
         f"{args.dataset}, {args.n_way}-way {args.k_shot}-shot: accuracy on {args.eval_tasks} held-out episodes "
         "(mean ± 95% CI)",
-        [(LABELS[m], f"{100 * r['accuracy']:.1f}% ± {100 * r['ci95']:.1f}   ({r['train_seconds']:.0f} s training)")
-         for m, r in results.items()],
+        [(LABELS[m], f"{100 * r['accuracy']:.1f}% ± {100 * r['ci95']:.1f}   ({r['train_seconds']:.0f} s training; "
+                     f"adaptation: {r['adaptation']})") for m, r in results.items()],
         [f"{args.steps} meta-steps of {args.meta_batch} episodes per method on {world_size} process(es); "
          f"figure in {figure}"],
     )
