@@ -304,12 +304,20 @@ class IMAML(MetaLearner):
             yield _LAM_PREFIX + name, t
 
     def state_dict(self) -> Dict[str, Any]:
-        """``{"log_lam": {name: tensor}}`` with ``learn_lam``, else empty."""
-        return {"log_lam": {k: v.detach().clone() for k, v in self.log_lam.items()}} if self.learn_lam else {}
+        """``{"log_lam": {name: tensor}}`` with ``learn_lam``, and the diagnostics' counters and checks."""
+        state: Dict[str, Any] = {
+            "counters": {"meta_steps": self.meta_steps, "inner_tasks": self.inner_tasks,
+                         "inner_converged": self.inner_converged},
+            "gradient_checks": [dict(c) for c in self.gradient_checks],
+        }
+        if self.learn_lam:
+            state["log_lam"] = {k: v.detach().clone() for k, v in self.log_lam.items()}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Copies saved log-λ values in place (optimizers holding the tensors stay valid)."""
-        saved = dict(state).get("log_lam", {})
+        """Copies saved log-λ values in place (optimizers holding the tensors stay valid) and the counters."""
+        state = dict(state)
+        saved = state.get("log_lam", {})
         if set(saved) != set(self.log_lam):
             raise ValueError(
                 f"IMAML.load_state_dict: the state holds log_lam for {sorted(saved)} but this IMAML has "
@@ -318,6 +326,11 @@ class IMAML(MetaLearner):
         with torch.no_grad():
             for k, v in saved.items():
                 self.log_lam[k].copy_(v)
+        counters = state.get("counters", {})
+        self.meta_steps = int(counters.get("meta_steps", self.meta_steps))
+        self.inner_tasks = int(counters.get("inner_tasks", self.inner_tasks))
+        self.inner_converged = int(counters.get("inner_converged", self.inner_converged))
+        self.gradient_checks = [dict(c) for c in state.get("gradient_checks", self.gradient_checks)]
 
     # ------------------------------------------------------------------ internals
     def _log_lam(self, meta: Params) -> Optional[Params]:
