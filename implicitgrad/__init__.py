@@ -3,7 +3,7 @@
 from . import data, linalg, meta, nn, solvers, testing, training
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
-from .linalg import CG, GMRES, Exact, LinearSolver, Neumann
+from .linalg import CG, GMRES, MINRES, Exact, LinearSolver, Neumann
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "ImplicitGradWarning",
     "LinearSolveInfo",
     "LinearSolver",
+    "MINRES",
     "Neumann",
     "SolveInfo",
     "data",

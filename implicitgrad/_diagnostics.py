@@ -44,8 +44,10 @@ class LinearSolveInfo:
         residual: relative residual ``‖A u − b‖ / ‖b‖`` (the largest over a batch of
             independent systems).
         converged: whether ``residual <= tol`` was reached with finite values.
-        status: ``"converged"``, ``"max_iterations"``, ``"negative_curvature"``,
-            ``"diverged"``, ``"breakdown"``, ``"singular"`` or ``"nonfinite"``.
+        status: ``"converged"``, ``"max_iterations"``, ``"negative_curvature"`` (CG),
+            ``"diverging"`` (CG), ``"diverged"`` (Neumann), ``"breakdown"``,
+            ``"preconditioner_not_spd"`` (MINRES), ``"singular"`` (Exact) or
+            ``"nonfinite"``.
         message: what happened and what to change, empty when converged.
         solver: name of the linear solver.
     """
@@ -79,6 +81,11 @@ class SolveInfo:
         forward_status: ``"converged"``, ``"not_converged"``, ``"nonfinite"`` or
             ``"unrolled"``.
         forward_message: why the inner solver stopped, where it says (e.g. SciPy's message).
+        forward_residuals: for a batch of problems (under ``torch.func.vmap``), the norm
+            of the condition at ``x`` per problem, flattened; ``None`` for one problem.
+            ``forward_residual`` is the norm over the whole batch. The forward check holds
+            each problem to ``forward_tol · max(1, initial_residuals[i])``.
+        initial_residuals: the same per problem at ``x0``; ``None`` for one problem.
         backward: :class:`LinearSolveInfo` of the most recent backward (or forward-mode)
             linear solve, ``None`` until one ran.
         history: every linear solve of this node, in order (second-order derivatives
@@ -90,6 +97,8 @@ class SolveInfo:
     forward_iterations: Optional[int] = None
     forward_status: str = "unknown"
     forward_message: str = ""
+    forward_residuals: Optional[list] = None
+    initial_residuals: Optional[list] = None
     backward: Optional[LinearSolveInfo] = None
     history: list = dataclasses.field(default_factory=list)
 

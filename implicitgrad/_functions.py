@@ -65,10 +65,22 @@ def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
     ) else None
     solution, info = problem.linear_solver.solve(op, b, batch_ndim=problem.batch_ndim, spec=spec)
     problem.record(info)
-    if not info.converged:
+    worse_than_zero = info.residual > 1
+    if not info.converged or worse_than_zero:
+        failures = []
+        if not info.converged:
+            failures.append("did not converge")
+        if worse_than_zero:
+            # u = 0 has relative residual 1: anything above is worse than no solve at all.
+            failures.append(
+                f"returned a solution worse than zero (relative residual {info.residual:.3e} "
+                "> 1, the residual of u = 0). For a symmetric indefinite matrix use ig.MINRES, "
+                "for a non-symmetric one ig.GMRES; or add damping, or solve the inner problem "
+                "further"
+            )
         report(
             f"implicit differentiation: the linear solve for the "
-            f"{'backward' if transpose else 'forward-mode'} pass did not converge. {info}",
+            f"{'backward' if transpose else 'forward-mode'} pass {' and '.join(failures)}. {info}",
             problem.on_failure,
             stacklevel=5,
         )

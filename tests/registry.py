@@ -15,7 +15,8 @@ EXACT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 def linear_solvers(lipschitz: float = 1.0, symmetric: bool = True):
     """(name, solver) pairs that converge on a system whose largest eigenvalue is ``lipschitz``.
 
-    Neumann gets the step ``1/λ_max``; ``symmetric=False`` drops CG and Neumann.
+    Neumann gets the step ``1/λ_max``; ``symmetric=False`` drops the solvers that assume a
+    symmetric matrix (CG, MINRES) and Neumann.
     """
     solvers = [
         ("Exact", ig.Exact()),
@@ -24,6 +25,7 @@ def linear_solvers(lipschitz: float = 1.0, symmetric: bool = True):
     if symmetric:
         solvers += [
             ("CG", ig.CG(maxiter=500)),
+            ("MINRES", ig.MINRES(maxiter=500)),
             ("Neumann", ig.Neumann(maxiter=50000, alpha=1.0 / lipschitz)),
         ]
     return solvers
@@ -34,6 +36,15 @@ def spd_matrix(n: int, cond: float, dtype=torch.float64, seed: int = 0) -> torch
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     lam = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return (q @ torch.diag(lam) @ q.T).to(dtype)
+
+
+def symmetric_matrix(eigenvalues, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigenvalues) Qᵀ`` with a random orthogonal ``Q``: any signs, so indefinite or
+    singular matrices with a chosen spectrum."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=g, dtype=torch.float64))
     return (q @ torch.diag(lam) @ q.T).to(dtype)
 
 

@@ -4,6 +4,7 @@ from ._base import LinearSolver
 from .cg import CG
 from .exact import Exact
 from .gmres import GMRES
+from .minres import MINRES
 from .neumann import Neumann
 
-__all__ = ["CG", "Exact", "GMRES", "LinearSolver", "Neumann"]
+__all__ = ["CG", "Exact", "GMRES", "LinearSolver", "MINRES", "Neumann"]

@@ -51,6 +51,12 @@ def axpy(s: torch.Tensor, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) 
     return [b + scale(s, a) for a, b in zip(x, y)]
 
 
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Leaf ``a`` for the systems where ``mask`` holds, ``b`` elsewhere (no arithmetic, so
+    a NaN or Inf in the unselected leaf cannot leak)."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)), a, b)
+
+
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (a converged or exhausted system)."""
     zero = den == 0
@@ -73,7 +79,7 @@ class LinearSolver:
     be linear. Subclasses implement :meth:`solve` on flat lists of tensors.
     """
 
-    #: Whether the solver assumes a symmetric matrix (CG).
+    #: Whether the solver assumes a symmetric matrix (CG, MINRES).
     symmetric: bool = False
 
     def __call__(
@@ -174,6 +180,52 @@ class IterativeSolver(LinearSolver):
         """The relative tolerance and the check interval for a right-hand side ``b``."""
         tol = self.tol if self.tol is not None else default_tol(b[0].dtype)
         return tol, check_interval(self.check_every, b[0].device)
+
+
+class SymmetricIterativeSolver(IterativeSolver):
+    """An iterative solver for symmetric ``A``: ``damping`` and a ``preconditioner`` in common."""
+
+    symmetric = True
+
+    def __init__(
+        self,
+        maxiter: int,
+        tol: Optional[float],
+        damping: float,
+        preconditioner: Optional[Callable],
+        check_every: Optional[int],
+    ) -> None:
+        name = type(self).__name__
+        if not damping >= 0:
+            raise ValueError(f"{name}: damping must be non-negative, got {damping!r}.")
+        if preconditioner is not None and not callable(preconditioner):
+            raise TypeError(f"{name}: preconditioner must be a callable r -> M r.")
+        super().__init__(maxiter, tol, check_every)
+        self.damping = float(damping)
+        self.preconditioner = preconditioner
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(maxiter={self.maxiter}, tol={self.tol}, "
+            f"damping={self.damping})"
+        )
+
+    def _damped(self, matvec: Matvec) -> Matvec:
+        """``v ↦ (A + damping·I) v``."""
+        damping = self.damping
+        if damping == 0:
+            return matvec
+        return lambda v: [o + damping * t for o, t in zip(matvec(v), v)]
+
+    def _flat_preconditioner(self, spec) -> Matvec:
+        """The preconditioner on flat lists of leaves; it receives the pytree ``spec``
+        describes (the flat list itself when there is none)."""
+        if self.preconditioner is None:
+            return lambda v: v
+        m = self.preconditioner
+        if spec is None:
+            return lambda v: list(m(v))
+        return lambda v: tree_flatten(m(tree_unflatten(v, spec)))[0]
 
 
 NONFINITE_FIX = (

@@ -7,20 +7,23 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .._diagnostics import LinearSolveInfo
-from .._tree import tree_flatten, tree_unflatten
 from ._base import (
     NONFINITE_FIX,
-    IterativeSolver,
     Matvec,
+    SymmetricIterativeSolver,
     Vector,
     axpy,
     dot,
     norm,
     safe_div,
+    select,
 )
 
+#: A residual above this multiple of the best one met so far stops CG as diverging.
+DIVERGENCE_FACTOR = 1e2
 
-class CG(IterativeSolver):
+
+class CG(SymmetricIterativeSolver):
     r"""Preconditioned conjugate gradient for ``(A + damping·I) x = b``.
 
     For symmetric positive definite ``A`` (the Hessian of a strictly convex objective at
@@ -48,10 +51,23 @@ class CG(IterativeSolver):
             back to the host; on CUDA a larger interval keeps the solve asynchronous.
             ``None``: every iteration on CPU, every 10 elsewhere.
 
-    Negative curvature (``pᵀ A p ≤ 0``) stops the solve with status
-    ``"negative_curvature"``: the Hessian is not positive definite at ``x``. The step along
-    that direction is not taken, so the solution is the last iterate before it (as in
-    truncated CG); in a batch only the affected system stops, the others go on.
+    The residual of CG is not monotone, and on a matrix that is not positive definite an
+    iterate can be worse than the initial guess. CG therefore returns, per system, the
+    iterate of lowest residual it met — the initial guess included (``x = 0``, relative
+    residual 1, without ``x0``) — and reports that iterate's residual. It stops a system
+    early in two cases, returning that best iterate:
+
+    * ``"negative_curvature"``: a search direction with ``pᵀ A p ≤ 0`` (the Hessian is not
+      positive definite at ``x``); the step along it is not taken.
+    * ``"diverging"``: the residual grew above ``1e2`` times the best residual met so far.
+      On a positive definite ``A`` the ``A``-norm of the error never increases, so the
+      residual can exceed its best by at most :math:`\sqrt{\kappa}`: the rule never fires
+      for :math:`\kappa \le 10^4`, and when it fires ``A`` is indefinite or very badly
+      conditioned (then the residual can stay above ``‖b‖`` for many steps while the
+      error still decreases: precondition or damp such a matrix).
+
+    In a batch only the affected system stops; the others go on. For a symmetric
+    indefinite ``A`` use :class:`~implicitgrad.MINRES`.
 
     Example:
         >>> import torch, implicitgrad as ig
@@ -65,8 +81,6 @@ class CG(IterativeSolver):
         1952.
     """
 
-    symmetric = True
-
     def __init__(
         self,
         maxiter: int = 100,
@@ -75,16 +89,7 @@ class CG(IterativeSolver):
         preconditioner: Optional[Callable] = None,
         check_every: Optional[int] = None,
     ) -> None:
-        if not damping >= 0:
-            raise ValueError(f"CG: damping must be non-negative, got {damping!r}.")
-        if preconditioner is not None and not callable(preconditioner):
-            raise TypeError("CG: preconditioner must be a callable r -> M r.")
-        super().__init__(maxiter, tol, check_every)
-        self.damping = float(damping)
-        self.preconditioner = preconditioner
-
-    def __repr__(self) -> str:
-        return f"CG(maxiter={self.maxiter}, tol={self.tol}, damping={self.damping})"
+        super().__init__(maxiter, tol, damping, preconditioner, check_every)
 
     def solve(
         self,
@@ -96,12 +101,7 @@ class CG(IterativeSolver):
         spec=None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
-        damping = self.damping
-
-        def op(v: Vector) -> Vector:
-            out = matvec(v)
-            return out if damping == 0 else [o + damping * t for o, t in zip(out, v)]
-
+        op = self._damped(matvec)
         precond = self._flat_preconditioner(spec)
         if batch_ndim == 0:
             return self._solve_single(op, precond, b, x0, tol, every)
@@ -117,16 +117,18 @@ class CG(IterativeSolver):
         p = list(z)
         rz = dot(r, z, batch_ndim)
         r_norm = norm(r, batch_ndim)
+        best_x, best_res = list(x), r_norm
         negative = torch.zeros_like(r_norm, dtype=torch.bool)
+        diverging = torch.zeros_like(negative)
         status = None
         iterations = 0
         for k in range(1, self.maxiter + 1):
             if k == 1 and bool((r_norm <= threshold).all()):
                 break
-            # A system that met negative curvature keeps its last iterate (the step along
-            # a direction of non-positive curvature is not taken) and leaves the batch;
-            # the others go on.
-            active = (r_norm > threshold) & ~negative
+            # A system that met negative curvature or diverges keeps its iterate (the step
+            # along a direction of non-positive curvature is not taken) and leaves the
+            # batch; the others go on.
+            active = (r_norm > threshold) & ~negative & ~diverging
             ap = op(p)
             pap = dot(p, ap, batch_ndim)
             negative = negative | (active & (pap <= 0))
@@ -135,26 +137,37 @@ class CG(IterativeSolver):
             r = axpy(-alpha, ap, r)
             iterations = k
             r_norm = norm(r, batch_ndim)
+            diverging = diverging | (active & (r_norm > DIVERGENCE_FACTOR * best_res))
+            improved = r_norm < best_res
+            best_res = torch.where(improved, r_norm, best_res)
+            best_x = [select(improved, xi, bi) for xi, bi in zip(x, best_x)]
             if k % every == 0 or k == self.maxiter:
-                if not bool(torch.isfinite(r_norm).all()):
+                nonfinite, done = torch.stack(
+                    [~torch.isfinite(r_norm).all(), ((r_norm <= threshold) | negative | diverging).all()]
+                ).tolist()
+                if nonfinite:
                     status = "nonfinite"
                     break
-                if bool(((r_norm <= threshold) | negative).all()):
+                if done:
                     break
             z = precond(r)
             rz_new = dot(r, z, batch_ndim)
             beta = safe_div(rz_new, rz)
             p = axpy(beta, p, z)
             rz = rz_new
-        if status is None and bool(negative.any()):
-            status = "negative_curvature"
-        rel = safe_div(r_norm, b_norm)
-        info = self._finish(iterations, rel, tol, status, _FIXES)
-        return x, info
+        if status is None:
+            any_negative, any_diverging = torch.stack([negative.any(), diverging.any()]).tolist()
+            if any_negative:
+                status = "negative_curvature"
+            elif any_diverging:
+                status = "diverging"
+        info = self._finish(iterations, safe_div(best_res, b_norm), tol, status, _FIXES)
+        return best_x, info
 
     def _solve_single(self, op, precond, b, x0, tol, every) -> Tuple[Vector, LinearSolveInfo]:
         """One system: the same iterates with fused updates, no per-system masks, and the
-        negative-curvature, non-finite and convergence checks read in one host sync."""
+        non-finite, negative-curvature, divergence and convergence checks read in one
+        host sync."""
         plain = self.preconditioner is None
         b_norm = _flat_dot(b, b).sqrt()
         threshold2 = (tol * b_norm) ** 2
@@ -168,6 +181,8 @@ class CG(IterativeSolver):
         p = [t.clone() for t in z]
         rz = _flat_dot(r, z)
         rr = rz if plain else _flat_dot(r, r)
+        best_x, best_rr = x, rr
+        growth2 = DIVERGENCE_FACTOR**2
         healthy = torch.ones((), dtype=torch.bool, device=rr.device)
         zero = torch.zeros((), dtype=rr.dtype, device=rr.device)
         status, iterations = None, 0
@@ -176,7 +191,8 @@ class CG(IterativeSolver):
                 break
             ap = op(p)
             pap = _flat_dot(p, ap)
-            # No step along a direction of non-positive curvature: x keeps its last iterate.
+            # No step along a direction of non-positive curvature, nor after divergence:
+            # x keeps its iterate.
             healthy = healthy & (pap > 0)
             alpha = torch.where(healthy, rz / pap, zero)
             x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
@@ -184,31 +200,30 @@ class CG(IterativeSolver):
             z = r if plain else precond(r)
             rz_new = _flat_dot(r, z)
             rr = rz_new if plain else _flat_dot(r, r)
+            improved = rr < best_rr
+            best_rr = torch.where(improved, rr, best_rr)
+            best_x = [torch.where(improved, xi, bi) for xi, bi in zip(x, best_x)]
+            # One flag for both stops keeps the loop short; once it is down no step is taken,
+            # so a residual still above the growth bound at the check tells divergence apart.
+            healthy = healthy & (rr <= growth2 * best_rr)
             iterations = k
             if k % every == 0 or k == self.maxiter:
-                nonfinite, negative, done = torch.stack(
+                nonfinite, stopped, done = torch.stack(
                     [~torch.isfinite(rr), ~healthy, rr <= threshold2]
                 ).tolist()
                 if nonfinite:
                     status = "nonfinite"
                     break
-                if negative:
-                    status = "negative_curvature"
+                if stopped:
+                    diverged = bool(rr > growth2 * best_rr)
+                    status = "diverging" if diverged else "negative_curvature"
                     break
                 if done:
                     break
             p = [torch.addcmul(zi, rz_new / rz, pi) for zi, pi in zip(z, p)]
             rz = rz_new
-        rel = safe_div(rr.clamp_min(0).sqrt(), b_norm)
-        return x, self._finish(iterations, rel, tol, status, _FIXES)
-
-    def _flat_preconditioner(self, spec) -> Callable[[Vector], Vector]:
-        if self.preconditioner is None:
-            return lambda v: v
-        m = self.preconditioner
-        if spec is None:
-            return lambda v: list(m(v))
-        return lambda v: tree_flatten(m(tree_unflatten(v, spec)))[0]
+        rel = safe_div(best_rr.clamp_min(0).sqrt(), b_norm)
+        return best_x, self._finish(iterations, rel, tol, status, _FIXES)
 
 
 def _flat_dot(a: Vector, b: Vector) -> torch.Tensor:
@@ -226,9 +241,18 @@ _FIXES = {
         "add damping to improve the conditioning, or pass a preconditioner."
     ),
     "negative_curvature": (
-        "CG met negative curvature: the Hessian at x is not positive definite, so x is not "
-        "a strict local minimum (or the inner solve stopped early). Solve the inner problem "
-        "further, add damping (e.g. CG(damping=1e-3)), or use GMRES / Exact."
+        "CG met negative curvature (pᵀAp ≤ 0) and returned its best iterate, relative "
+        "residual {res:.2e} (tol={tol:.1e}): the matrix is not positive definite, so x is "
+        "not a strict local minimum (or the inner solve stopped early). For a symmetric "
+        "indefinite matrix use MINRES; otherwise add damping (e.g. CG(damping=1e-3)) or "
+        "solve the inner problem further (a more converged x)."
+    ),
+    "diverging": (
+        "CG diverged: the residual grew above 1e2 × the best one met, and CG returned its "
+        "best iterate, relative residual {res:.2e} (tol={tol:.1e}). The matrix is "
+        "indefinite or very badly conditioned: for a symmetric indefinite matrix use "
+        "MINRES; otherwise add damping (e.g. CG(damping=1e-3)), pass a preconditioner, or "
+        "solve the inner problem further (a more converged x)."
     ),
     "nonfinite": NONFINITE_FIX,
 }
