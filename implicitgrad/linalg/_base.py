@@ -189,11 +189,11 @@ class SymmetricIterativeSolver(IterativeSolver):
 
     def __init__(
         self,
-        maxiter: int,
-        tol: Optional[float],
-        damping: float,
-        preconditioner: Optional[Callable],
-        check_every: Optional[int],
+        maxiter: int = 100,
+        tol: Optional[float] = None,
+        damping: float = 0.0,
+        preconditioner: Optional[Callable] = None,
+        check_every: Optional[int] = None,
     ) -> None:
         name = type(self).__name__
         if not damping >= 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -80,16 +80,6 @@ class CG(SymmetricIterativeSolver):
         Hestenes and Stiefel, Methods of Conjugate Gradients for Solving Linear Systems,
         1952.
     """
-
-    def __init__(
-        self,
-        maxiter: int = 100,
-        tol: Optional[float] = None,
-        damping: float = 0.0,
-        preconditioner: Optional[Callable] = None,
-        check_every: Optional[int] = None,
-    ) -> None:
-        super().__init__(maxiter, tol, damping, preconditioner, check_every)
 
     def solve(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -87,16 +87,6 @@ class MINRES(SymmetricIterativeSolver):
         Paige and Saunders, Solution of Sparse Indefinite Systems of Linear Equations,
         1975.
     """
-
-    def __init__(
-        self,
-        maxiter: int = 100,
-        tol: Optional[float] = None,
-        damping: float = 0.0,
-        preconditioner: Optional[Callable] = None,
-        check_every: Optional[int] = None,
-    ) -> None:
-        super().__init__(maxiter, tol, damping, preconditioner, check_every)
 
     def solve(
         self,

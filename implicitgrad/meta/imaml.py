@@ -385,12 +385,11 @@ class IMAML(MetaLearner):
 
     def _count_inner(self) -> None:
         """Counts the tasks of this meta-step whose inner problem met the forward tolerance."""
+        tol = self._forward_tol(_dtype_of(self.model))
         for info in self._infos:
-            residuals = info.forward_residuals or [info.forward_residual]
-            initials = info.initial_residuals or [info.initial_residual]
-            tol = self._forward_tol(_dtype_of(self.model))
-            self.inner_tasks += len(residuals)
-            self.inner_converged += sum(r <= tol * max(1.0, r0) for r, r0 in zip(residuals, initials))
+            relative = _relative_residuals(info)
+            self.inner_tasks += len(relative)
+            self.inner_converged += sum(r <= tol for r in relative)
 
     def _report(self, backward: bool) -> None:
         infos, self.last_info = self._infos, self._infos
@@ -407,11 +406,7 @@ class IMAML(MetaLearner):
             )
         stalled = [i for i in infos if i.forward_status == "not_converged"]
         if stalled:
-            worst = max(
-                max(r / max(1.0, r0) for r, r0 in zip(i.forward_residuals or [i.forward_residual],
-                                                      i.initial_residuals or [i.initial_residual]))
-                for i in stalled
-            )
+            worst = max(max(_relative_residuals(i)) for i in stalled)
             tol = "the default forward_tol" if self.forward_tol is None else f"forward_tol={self.forward_tol:g}"
             said = next((i.forward_message for i in stalled if i.forward_message), "")
             said = f" The inner solver said: {said}." if said else ""
@@ -460,6 +455,13 @@ class IMAML(MetaLearner):
             return
         self._reported.add(kind)
         warnings.warn(message, ImplicitGradWarning, stacklevel=4)
+
+
+def _relative_residuals(info: SolveInfo) -> List[float]:
+    """``‖∇φ G(φ)‖ / max(1, ‖∇φ G(θ)‖)`` per task of one solve (one value for an unbatched solve)."""
+    residuals = info.forward_residuals or [info.forward_residual]
+    initials = info.initial_residuals or [info.initial_residual]
+    return [r / max(1.0, r0) for r, r0 in zip(residuals, initials)]
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
