@@ -47,6 +47,17 @@ def test_fewshot_quick_imaml_beats_pretrained(tmp_path):
     assert (tmp_path / "fewshot_digits-5way1shot.png").stat().st_size > 0
 
 
+@ALLOW_REPORTS
+def test_fewshot_quick_5shot_imaml_at_least_maml(tmp_path):
+    """A short 5-shot run: iMAML with its defaults is no worse than MAML (within the confidence interval)."""
+    metrics = imaml_fewshot.main(["--quick", "--k-shot", "5", "--steps", "100", "--methods", "imaml,maml",
+                                  "--out", str(tmp_path)])
+    imaml, maml = metrics["methods"]["imaml"], metrics["methods"]["maml"]
+    assert imaml["accuracy"] >= maml["accuracy"] - maml["ci95"], (imaml, maml)
+    assert imaml["adaptation"].startswith("proximal problem") and maml["adaptation"].startswith("5 gradient steps")
+    assert 0 < imaml["inner_converged_fraction"] <= 1
+
+
 def without_timing(metrics):
     return {m: {k: v for k, v in r.items() if k != "train_seconds"} for m, r in metrics["methods"].items()}
 
