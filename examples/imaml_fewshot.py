@@ -42,6 +42,7 @@ from imaml_sinusoid import (
     init_distributed,
     make_learner,
     mean_ci,
+    plot_cosine,
     resolve_meta_arguments,
     smooth,
     train_learner,
@@ -105,16 +106,13 @@ def evaluate_accuracy(learner: meta.MetaLearner, tasks) -> tuple:
 def evaluate(method: str, learner: meta.MetaLearner, tasks) -> tuple:
     """Held-out accuracy after the learner's own adaptation, and the mean accuracy after 0..CURVE_STEPS steps."""
 
-    def curve(x_s, y_s, x_q, y_q):
-        return adaptation_curve(learner, INNER_LR, CURVE_STEPS, accuracy, x_s, y_s, x_q, y_q)
-
     mean, ci = evaluate_accuracy(learner, tasks)
     result = {"accuracy": mean, "ci95": ci}
     if method == "imaml":
         learner.adapt(tasks[0][0], tasks[1][0])
         info = learner.last_info[0]
         result["inner_relative_residual"] = info.forward_residual / max(1.0, info.initial_residual)
-    return result, batched_eval(curve, tasks).mean(0).cpu()
+    return result, adaptation_curve(learner, CURVE_STEPS, accuracy, tasks).cpu()
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -198,12 +196,13 @@ def plot(args, histories, curves, tag) -> Path:
         axes[1].plot(range(CURVE_STEPS + 1), 100 * curve.numpy(), "o-", ms=3, color=COLORS[method],
                      label=LABELS[method])
     axes[1].axhline(100 / args.n_way, color="k", lw=0.8, ls=":", label="chance")
-    axes[1].set(xlabel="adaptation steps", ylabel="held-out accuracy (%)",
-                title=f"{args.n_way}-way {args.k_shot}-shot: accuracy after k steps on the support set")
+    axes[1].set(xlabel="adaptation steps (iMAML: iterations of its inner solver)", ylabel="held-out accuracy (%)",
+                title=f"{args.n_way}-way {args.k_shot}-shot: accuracy after k steps of each method's adaptation")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    plot_cosine(args.out, histories, f"fewshot_{tag}_cosine.png")
     return save_figure(fig, args.out, f"fewshot_{tag}.png")
 
 

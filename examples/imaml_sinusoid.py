@@ -189,6 +189,19 @@ def train_learner(name: str, learner: meta.MetaLearner, sample_tasks: Callable[[
     return history
 
 
+def plot_cosine(out: Path, histories: Dict[str, Dict[str, list]], name: str) -> Optional[Path]:
+    """iMAML's meta-gradient check (``--check-every``): cosine with the unrolled derivative per meta-step."""
+    history = histories.get("imaml", {})
+    if "cosine" not in history:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
+    ax.plot(history["check_step"], history["cosine"], "o-", ms=3, color=COLORS["imaml"])
+    ax.set(xlabel="meta-step", ylabel="cosine", ylim=(min(0.0, min(history["cosine"])), 1.02),
+           title="iMAML: implicit meta-gradient vs derivative of the adaptation")
+    fig.tight_layout()
+    return save_figure(fig, out, name)
+
+
 def mean_ci(values: torch.Tensor) -> tuple:
     """Mean and half-width of the normal 95% confidence interval of the mean."""
     values = values.double()
@@ -202,17 +215,48 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(values, window), axis=-1)
 
 
-def adaptation_curve(learner: meta.MetaLearner, lr: float, steps: int, error: Callable,
-                     x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
-    """Query error of one task after 0..steps gradient steps of size ``lr`` on the learner's adaptation loss."""
-    params = {k: v.detach() for k, v in learner.model.named_parameters()}
-    grad = torch.func.grad(lambda p: learner.adaptation_loss(p, x_s, y_s))
-    errors = [error(learner.predict(params, x_q), y_q)]
-    for _ in range(steps):
-        g = grad(params)
-        params = {k: v - lr * g[k] for k, v in params.items()}
-        errors.append(error(learner.predict(params, x_q), y_q))
-    return torch.stack(errors)
+def adaptation_curve(learner: meta.MetaLearner, steps: int, error: Callable, tasks: Sequence[torch.Tensor],
+                     chunk: int = 100) -> torch.Tensor:
+    """Mean query error over ``tasks`` after 0..steps steps of each method's own test-time adaptation.
+
+    Gradient-step methods: steps of their ``inner_lr`` on the support loss. iMAML: iterations
+    of its inner solver (``AcceleratedGradient``, each task with its own step size) on the
+    proximal objective — a fixed gradient step would diverge at the sharp meta-parameters
+    iMAML learns, and would not be the adaptation it uses.
+    """
+    if not isinstance(learner, meta.IMAML):
+        lr = learner.inner_lr
+
+        def one(x_s, y_s, x_q, y_q):
+            params = {k: v.detach() for k, v in learner.model.named_parameters()}
+            grad = torch.func.grad(lambda p: learner.adaptation_loss(p, x_s, y_s))
+            errors = [error(learner.predict(params, x_q), y_q)]
+            for _ in range(steps):
+                g = grad(params)
+                params = {k: v - lr * g[k] for k, v in params.items()}
+                errors.append(error(learner.predict(params, x_q), y_q))
+            return torch.stack(errors)
+
+        return batched_eval(one, tasks, chunk).mean(0)
+    out = []
+    for start in range(0, tasks[0].shape[0], chunk):
+        x_s, y_s, x_q, y_q = (t[start : start + chunk] for t in tasks)
+        theta = dict(learner.named_meta_parameters())
+        phi0 = {k: v.detach().expand(x_s.shape[0], *v.shape).clone() for k, v in learner._trainable(theta).items()}
+
+        def support(phi, x_s=x_s, y_s=y_s):
+            return torch.func.vmap(learner.adaptation_loss)(phi, x_s, y_s).sum()
+
+        def query_error(phi, x_q=x_q, y_q=y_q):
+            with torch.no_grad():
+                return torch.func.vmap(lambda p, x, y: error(learner.predict(p, x), y))(phi, x_q, y_q)
+
+        errors = [query_error(phi0)]
+        for k in range(1, steps + 1):
+            phi, _ = ig.solvers.AcceleratedGradient(maxiter=k, tol=0).run(support, phi0, batch_ndim=1)
+            errors.append(query_error(phi))
+        out.append(torch.stack(errors, -1))
+    return torch.cat(out).mean(0)
 
 
 def batched_eval(fn: Callable, tensors: Sequence[torch.Tensor], chunk: int = 100) -> torch.Tensor:
@@ -347,16 +391,13 @@ def evaluate(method: str, learner: meta.MetaLearner, tasks) -> tuple:
     """Held-out MSE after the learner's own adaptation, and the mean MSE after 0..CURVE_STEPS steps."""
     mse = torch.nn.functional.mse_loss
 
-    def curve(x_s, y_s, x_q, y_q):
-        return adaptation_curve(learner, INNER_LR, CURVE_STEPS, mse, x_s, y_s, x_q, y_q)
-
     mean, ci = evaluate_error(learner, tasks)
     result = {"mse_mean": mean, "ci95": ci}
     if method == "imaml":
         learner.adapt(tasks[0][0], tasks[1][0])
         info = learner.last_info[0]
         result["inner_relative_residual"] = info.forward_residual / max(1.0, info.initial_residual)
-    return result, batched_eval(curve, tasks).mean(0).cpu()
+    return result, adaptation_curve(learner, CURVE_STEPS, mse, tasks).cpu()
 
 
 def plot(args, histories, curves, fits, grid, function, support) -> None:
@@ -370,8 +411,8 @@ def plot(args, histories, curves, fits, grid, function, support) -> None:
                 title="Meta-training")
     for method, curve in curves.items():
         axes[1].plot(range(CURVE_STEPS + 1), curve.numpy(), "o-", ms=3, color=COLORS[method], label=LABELS[method])
-    axes[1].set(xlabel="adaptation steps", ylabel="held-out MSE", yscale="log",
-                title="Error after k gradient steps on the support set")
+    axes[1].set(xlabel="adaptation steps (iMAML: iterations of its inner solver)", ylabel="held-out MSE",
+                yscale="log", title="Error after k steps of each method's adaptation")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
     axes[2].plot(grid[:, 0], function(grid)[:, 0], "k--", label="true function")
     axes[2].plot(support[0][:, 0], support[1][:, 0], "k^", label=f"{args.k_shot} support points")
@@ -382,6 +423,7 @@ def plot(args, histories, curves, fits, grid, function, support) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, args.out, f"sinusoid_{args.k_shot}shot.png")
+    plot_cosine(args.out, histories, f"sinusoid_{args.k_shot}shot_cosine.png")
 
 
 if __name__ == "__main__":
