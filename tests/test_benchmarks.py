@@ -101,3 +101,18 @@ def test_runs_without_torchopt_and_higher(tmp_path):
     for case in results["backward"]["cases"].values():
         assert set(case["median_s"]) == {"implicitgrad", "floor"}
     assert "not installed" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_imaml_damping_moves_the_meta_gradient_towards_first_order():
+    """The damping study runs; larger damping shrinks the meta-gradient and turns it first order."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import imaml_damping
+
+    rows = imaml_damping.main(["--quick"])
+    damping = sorted(rows)
+    assert rows[0.0]["cos_undamped"] == pytest.approx(1.0, abs=1e-6)
+    norms = [rows[d]["norm_ratio"] for d in damping]
+    assert all(a > b for a, b in zip(norms, norms[1:]))
+    assert rows[damping[-1]]["cos_first_order"] > rows[0.0]["cos_first_order"]
+    assert rows[damping[-1]]["cos_first_order"] > 0.999
