@@ -184,8 +184,9 @@ class AcceleratedGradient(InnerSolver):
             failed = int((best_norm > threshold).sum())
             worst = float((best_norm / g0_norm.clamp_min(1.0)).max())
             of = f" in {failed} of {best_norm.numel()} problems" if batch_ndim else ""
+            source = " from the curvature estimate" if self.lr is None else ""
             message = (f"relative gradient norm up to {worst:.3e} above tol={tol:.1e}{of} after {k} steps "
-                       f"(step size {float(lr.min()):.3g} from the curvature estimate)")
+                       f"(step size {float(lr.min()):.3g}{source})")
         return rebuild(best), SolverStats(k, residual, converged, message)
 
     def _step_size(self, fn: Callable, x: List[torch.Tensor], rebuild: Callable, params, g,
