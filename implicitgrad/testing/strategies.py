@@ -28,8 +28,16 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from hypothesis import assume
-from hypothesis import strategies as st
+try:
+    from hypothesis import assume
+    from hypothesis import strategies as st
+except ModuleNotFoundError as error:
+    if error.name != "hypothesis":
+        raise
+    raise ImportError(
+        "implicitgrad.testing.strategies needs the Hypothesis package, which is not installed. "
+        "Install it with: pip install 'implicitgrad[testing]'  (or: pip install hypothesis)."
+    ) from error
 
 from ._layouts import layout_size
 from .problems import (
