@@ -9,8 +9,12 @@ always with the measured numbers and the change that would fix it.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import warnings
 from typing import Optional
+
+import torch
 
 __all__ = [
     "ConvergenceError",
@@ -122,9 +126,34 @@ def check_on_failure(on_failure: str) -> str:
     return on_failure
 
 
-def report(message: str, on_failure: str, stacklevel: int = 3) -> None:
-    """Warn, raise or stay silent about ``message`` according to ``on_failure``."""
+# Frames in these folders are the library's own (this package) or torch's.
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line.
+
+    For ``warnings.warn(..., stacklevel=user_stacklevel())``: counts the frames from the
+    function that calls ``warnings.warn`` up to the first one whose file lies outside the
+    implicitgrad package and outside torch. Under ``torch.func.vmap`` / ``grad`` and in a
+    backward pass, torch's frames sit between the user's call and implicitgrad's; they are
+    skipped alike. When every frame is internal (e.g. a backward pass on an autograd worker
+    thread), the outermost frame is named.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def report(message: str, on_failure: str) -> None:
+    """Warn, raise or stay silent about ``message`` according to ``on_failure``.
+
+    The warning is attributed to the user's line (see :func:`user_stacklevel`).
+    """
     if on_failure == "raise":
         raise ConvergenceError(message)
     if on_failure == "warn":
-        warnings.warn(message, ImplicitGradWarning, stacklevel=stacklevel)
+        warnings.warn(message, ImplicitGradWarning, stacklevel=user_stacklevel())

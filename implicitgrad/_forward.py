@@ -63,7 +63,6 @@ def run_forward(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor])
             "be meaningless. Lower the inner step size, add regularisation, or check the "
             "objective for overflow.",
             problem.on_failure,
-            stacklevel=6,
         )
         return x
     residuals = problem.residual_norms(x, p)
@@ -100,6 +99,5 @@ def run_forward(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor])
             "with this residual. Run the inner solver longer or to a tighter tol, or pass a larger "
             "forward_tol if this accuracy is enough.",
             problem.on_failure,
-            stacklevel=6,
         )
     return x

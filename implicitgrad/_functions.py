@@ -82,7 +82,6 @@ def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
             f"implicit differentiation: the linear solve for the "
             f"{'backward' if transpose else 'forward-mode'} pass {' and '.join(failures)}. {info}",
             problem.on_failure,
-            stacklevel=5,
         )
     return solution
 
@@ -96,7 +95,6 @@ def vjp(problem: Problem, x, p, v, p_needs) -> List:
             "implicit differentiation: the incoming gradient with respect to x* contains "
             "NaN/Inf; the hypergradient will be non-finite. Check the outer loss.",
             problem.on_failure,
-            stacklevel=5,
         )
     if not _differentiable(x, p, v):
         # First order: one graph of F serves every product and the final VJP.

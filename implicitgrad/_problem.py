@@ -158,7 +158,6 @@ class Problem:
                 "Pass them as params (for nn.Module parameters use "
                 "torch.func.functional_call), or .detach() them if no gradient is wanted.",
                 "warn" if self.on_failure != "ignore" else "ignore",
-                stacklevel=6,
             )
 
     # ------------------------------------------------------------------ linearisation

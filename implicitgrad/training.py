@@ -22,6 +22,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ._diagnostics import user_stacklevel
+
 __all__ = [
     "capture_rng_state",
     "load_checkpoint",
@@ -229,7 +231,7 @@ def restore_rng_state(
                 f"the checkpoint holds CUDA RNG states for {len(cuda_states)} devices but "
                 f"{torch.cuda.device_count()} are visible; CUDA random numbers will differ "
                 f"from the uninterrupted run.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
     np.random.set_state(_decode(state["numpy"]))
     python = state["python"]
@@ -299,7 +301,7 @@ def _progress_bar(enabled: bool, total: int, initial: int, description: str | No
     except ImportError:
         warnings.warn(
             "progress=True needs tqdm (`pip install implicitgrad[examples]`); no bar shown.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return None
     return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True)
@@ -422,7 +424,7 @@ def run_training(
     elif resume:
         warnings.warn(
             f"no checkpoint at {os.fspath(checkpoint_path)!r}; starting from step 0.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     def save(completed: int) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._api import implicit_solve
-from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure
+from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure, user_stacklevel
 from .._forward import default_forward_tol
 from ..linalg import CG, LinearSolver
 from ..solvers import AcceleratedGradient
@@ -454,7 +454,7 @@ class IMAML(MetaLearner):
         if kind in self._reported:
             return
         self._reported.add(kind)
-        warnings.warn(message, ImplicitGradWarning, stacklevel=4)
+        warnings.warn(message, ImplicitGradWarning, stacklevel=user_stacklevel())
 
 
 def _relative_residuals(info: SolveInfo) -> List[float]:
