@@ -1,8 +1,9 @@
 """Inner solvers: anything that maps ``(fn, x0, *params)`` to a solution.
 
-Built-in loops (:class:`GradientDescent`, :class:`AcceleratedGradient`, :class:`FixedPointIteration`) and adapters that
-run an existing optimizer: any ``torch.optim`` class (:class:`TorchOptimizer`), TorchOpt's
-functional optimizers (:class:`TorchOpt`) and ``scipy.optimize.minimize`` (:class:`SciPy`).
+Built-in loops (:class:`GradientDescent`, :class:`AcceleratedGradient`, :class:`LBFGS`,
+:class:`FixedPointIteration`) and adapters that run an existing optimizer: any
+``torch.optim`` class (:class:`TorchOptimizer`), TorchOpt's functional optimizers
+(:class:`TorchOpt`) and ``scipy.optimize.minimize`` (:class:`SciPy`).
 All subclass :class:`InnerSolver` and report a :class:`SolverStats`.
 """
 
@@ -10,6 +11,7 @@ from ._base import InnerSolver, SolverStats
 from .accelerated import AcceleratedGradient
 from .fixed_point import FixedPointIteration
 from .gradient_descent import GradientDescent
+from .lbfgs import LBFGS
 from .scipy_adapter import SciPy
 from .torch_optimizer import TorchOptimizer
 from .torchopt_adapter import TorchOpt
@@ -19,6 +21,7 @@ __all__ = [
     "FixedPointIteration",
     "GradientDescent",
     "InnerSolver",
+    "LBFGS",
     "SciPy",
     "SolverStats",
     "TorchOpt",

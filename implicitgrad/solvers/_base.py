@@ -143,3 +143,24 @@ def check_positive(name: str, owner: str, value, integer: bool = False) -> None:
 def default_tol(dtype: torch.dtype) -> float:
     """Inner tolerance (relative gradient / residual norm) when none is given."""
     return 1e-8 if dtype == torch.float64 else 1e-4
+
+
+def where_leaves(mask: torch.Tensor, a: List[torch.Tensor], b: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Leaf by leaf, ``a`` for the problems where ``mask`` (shape ``batch_shape``) holds, else ``b``."""
+    return [torch.where(mask.reshape(mask.shape + (1,) * (ai.ndim - mask.ndim)), ai, bi) for ai, bi in zip(a, b)]
+
+
+def batch_stats(best_norm: torch.Tensor, initial_norm: torch.Tensor, tol: float, iterations: int,
+                batch_ndim: int, detail: str) -> SolverStats:
+    """The :class:`SolverStats` of a per-problem gradient method that returns its best points.
+
+    ``best_norm`` and ``initial_norm`` hold each problem's gradient norm at the returned and
+    the starting point; a problem has converged when ``best ≤ tol · max(1, initial)``.
+    """
+    relative = best_norm / initial_norm.clamp_min(1.0)
+    converged = bool((relative <= tol).all())
+    message = ""
+    if not converged:
+        of = f" in {int((relative > tol).sum())} of {relative.numel()} problems" if batch_ndim else ""
+        message = f"relative gradient norm up to {float(relative.max()):.3e} above tol={tol:.1e}{of} {detail}"
+    return SolverStats(iterations, float(best_norm.square().sum().sqrt()), converged, message)

@@ -12,11 +12,13 @@ from ..linalg._base import check_interval, dot, norm, safe_div, scale
 from ._base import (
     InnerSolver,
     SolverStats,
+    batch_stats,
     check_positive,
     check_tol,
     default_tol,
     flatten_x,
     objective_grad,
+    where_leaves,
 )
 
 
@@ -148,7 +150,7 @@ class AcceleratedGradient(InnerSolver):
             if tol > 0:
                 g_norm = norm([gi.detach() for gi in g], batch_ndim)
                 improved = g_norm < best_norm
-                best = _where(improved, y, best)
+                best = where_leaves(improved, y, best)
                 best_norm = torch.where(improved, g_norm, best_norm)
                 active = active & (g_norm > threshold)
                 # The curvature grew beyond the estimate along the path (or overflowed):
@@ -156,9 +158,9 @@ class AcceleratedGradient(InnerSolver):
                 blown = active & ~(g_norm <= 10 * torch.maximum(g0_norm, best_norm))
                 lr = torch.where(blown, 0.5 * lr, lr)
                 t = torch.where(blown, one, t)
-                y = _where(blown, best, y)
-                x_prev = _where(blown, best, x_prev)
-                g = _where(blown, [torch.zeros_like(gi) for gi in g], g)
+                y = where_leaves(blown, best, y)
+                x_prev = where_leaves(blown, best, x_prev)
+                g = where_leaves(blown, [torch.zeros_like(gi) for gi in g], g)
                 step = torch.where(active & ~blown, lr, torch.zeros_like(lr))
             else:
                 step = lr
@@ -177,17 +179,9 @@ class AcceleratedGradient(InnerSolver):
             x_prev, t = x_new, t_new
         if tol == 0:
             return rebuild(x_prev), SolverStats(k, float("nan"), None, "")
-        converged = bool((best_norm <= threshold).all())
-        residual = float(best_norm.square().sum().sqrt())
-        message = ""
-        if not converged:
-            failed = int((best_norm > threshold).sum())
-            worst = float((best_norm / g0_norm.clamp_min(1.0)).max())
-            of = f" in {failed} of {best_norm.numel()} problems" if batch_ndim else ""
-            source = " from the curvature estimate" if self.lr is None else ""
-            message = (f"relative gradient norm up to {worst:.3e} above tol={tol:.1e}{of} after {k} steps "
-                       f"(step size {float(lr.min()):.3g}{source})")
-        return rebuild(best), SolverStats(k, residual, converged, message)
+        source = " from the curvature estimate" if self.lr is None else ""
+        return rebuild(best), batch_stats(best_norm, g0_norm, tol, k, batch_ndim,
+                                          f"after {k} steps (step size {float(lr.min()):.3g}{source})")
 
     def _step_size(self, fn: Callable, x: List[torch.Tensor], rebuild: Callable, params, g,
                    batch_ndim: int) -> torch.Tensor:
@@ -216,7 +210,3 @@ class AcceleratedGradient(InnerSolver):
             )
         return 1.0 / (self.safety * estimate)
 
-
-def _where(mask: torch.Tensor, a: List[torch.Tensor], b: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Leaf by leaf, ``a`` for the problems where ``mask`` holds, else ``b``."""
-    return [torch.where(mask.reshape(mask.shape + (1,) * (ai.ndim - mask.ndim)), ai, bi) for ai, bi in zip(a, b)]
