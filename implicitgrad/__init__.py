@@ -3,11 +3,12 @@
 from . import data, linalg, meta, nn, solvers, testing, training
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
-from .linalg import CG, GMRES, MINRES, Exact, LinearSolver, Neumann
+from .linalg import CG, GMRES, MINRES, BiCGStab, Exact, LinearSolver, Neumann
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BiCGStab",
     "CG",
     "ConvergenceError",
     "Exact",

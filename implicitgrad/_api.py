@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union, overload
 
 import torch
 
@@ -20,17 +20,39 @@ __all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
 MODES = ("implicit", "unrolled")
 
 
+X = TypeVar("X")  # the structure of x0, which the solution keeps
 def implicit_solve(
-    objective: Callable,
+
+@overload
+def implicit_solve(
+    objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,
+) -> X: ...
+@overload
+def implicit_solve(
+    objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: Literal[True], forward_tol: Optional[float] = ...,
+) -> Tuple[X, SolveInfo]: ...
+@overload
+    objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: bool = ..., forward_tol: Optional[float] = ...,
+) -> Union[X, Tuple[X, SolveInfo]]: ...
+
+
+def implicit_solve(
+    objective: Callable[..., torch.Tensor],
     x0: Any,
     *params: Any,
-    solver: Callable,
+    solver: Callable[..., Any],
     linear_solver: Optional[LinearSolver] = None,
     mode: str = "implicit",
     on_failure: str = "warn",
     return_info: bool = False,
     forward_tol: Optional[float] = None,
-):
+) -> Any:
     r"""Minimise ``objective(x, *params)`` over ``x`` and differentiate the minimiser.
 
     The solution :math:`x^\star(\theta)` satisfies :math:`\nabla_x f(x^\star, \theta) = 0`.
@@ -104,16 +126,34 @@ def implicit_solve(
 
 
 def root_solve(
-    residual: Callable,
+@overload
+def root_solve(
+    residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,
+) -> X: ...
+@overload
+def root_solve(
+    residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: Literal[True], forward_tol: Optional[float] = ...,
+) -> Tuple[X, SolveInfo]: ...
+@overload
+def root_solve(
+    residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: bool = ..., forward_tol: Optional[float] = ...,
+) -> Union[X, Tuple[X, SolveInfo]]: ...
+    residual: Callable[..., Any],
     x0: Any,
     *params: Any,
-    solver: Callable,
+    solver: Callable[..., Any],
     linear_solver: Optional[LinearSolver] = None,
     mode: str = "implicit",
     on_failure: str = "warn",
     return_info: bool = False,
     forward_tol: Optional[float] = None,
-):
+) -> Any:
     r"""Solve ``residual(x, *params) = 0`` and differentiate the root.
 
     With :math:`A = \partial_x F` and :math:`B = \partial_\theta F` at the root, the
@@ -137,16 +177,34 @@ def root_solve(
 
 
 def fixed_point_solve(
-    mapping: Callable,
+@overload
+    mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,
+) -> X: ...
+@overload
+def fixed_point_solve(
+    mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: Literal[True], forward_tol: Optional[float] = ...,
+) -> Tuple[X, SolveInfo]: ...
+@overload
+def fixed_point_solve(
+    mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
+    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    return_info: bool = ..., forward_tol: Optional[float] = ...,
+) -> Union[X, Tuple[X, SolveInfo]]: ...
+def fixed_point_solve(
+    mapping: Callable[..., Any],
     x0: Any,
     *params: Any,
-    solver: Optional[Callable] = None,
+    solver: Optional[Callable[..., Any]] = None,
     linear_solver: Optional[LinearSolver] = None,
     mode: str = "implicit",
     on_failure: str = "warn",
     return_info: bool = False,
     forward_tol: Optional[float] = None,
-):
+) -> Any:
     r"""Find ``x = mapping(x, *params)`` and differentiate the fixed point.
 
     The condition is :math:`F(x, \theta) = x - T(x, \theta) = 0`, so ``A = I − ∂ₓT``
@@ -173,14 +231,14 @@ def fixed_point_solve(
 
 
 def implicit(
-    objective: Optional[Callable] = None,
+    objective: Optional[Callable[..., torch.Tensor]] = None,
     *,
-    residual: Optional[Callable] = None,
-    mapping: Optional[Callable] = None,
+    residual: Optional[Callable[..., Any]] = None,
+    mapping: Optional[Callable[..., Any]] = None,
     linear_solver: Optional[LinearSolver] = None,
     on_failure: str = "warn",
     forward_tol: Optional[float] = None,
-):
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: make an existing ``fit(x0, *params) -> x*`` differentiable implicitly.
 
     Exactly one of ``objective``, ``residual``, ``mapping`` states the optimality
@@ -210,15 +268,15 @@ def implicit(
     kind = {"objective": "objective", "residual": "residual", "mapping": "mapping"}[kind]
     default = CG() if kind == "objective" else GMRES()
 
-    def decorate(fit: Callable) -> Callable:
+    def decorate(fit: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(fit):
             raise TypeError("implicit(...) must decorate a callable fit(x0, *params).")
 
-        def solver(_fn, x0, *params):
+        def solver(_fn: Any, x0: Any, *params: Any) -> Any:
             return fit(x0, *params)
 
         @functools.wraps(fit)
-        def wrapper(x0, *params, return_info: bool = False):
+        def wrapper(x0: Any, *params: Any, return_info: bool = False) -> Any:
             return _solve(
                 kind, fn, x0, params, solver, linear_solver or default, "implicit",
                 on_failure, return_info, forward_tol,
@@ -229,8 +287,8 @@ def implicit(
     return decorate
 
 
-def _solve(kind, fn, x0, params, solver, linear_solver, mode, on_failure, return_info,
-           forward_tol):
+def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, linear_solver: Any,
+           mode: str, on_failure: str, return_info: bool, forward_tol: Optional[float]) -> Any:
     if not callable(fn):
         raise TypeError(f"The {kind} must be callable as {kind}(x, *params), got {type(fn).__name__}.")
     if solver is None or not callable(solver):
@@ -277,7 +335,7 @@ def _solve(kind, fn, x0, params, solver, linear_solver, mode, on_failure, return
     return (out, info) if return_info else out
 
 
-def _unrolled(problem: Problem, x0, p):
+def _unrolled(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor]) -> List[torch.Tensor]:
     solver = problem.solver
     if not getattr(solver, "unrollable", False):
         raise ValueError(
@@ -294,7 +352,7 @@ def _unrolled(problem: Problem, x0, p):
     return x
 
 
-def _check_inputs(x_tensors, p_tensors) -> None:
+def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) -> None:
     floats = [t for t in x_tensors + p_tensors if is_float_tensor(t)]
     dtypes = sorted({str(t.dtype) for t in floats})
     if len(dtypes) > 1:

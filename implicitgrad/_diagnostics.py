@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -101,10 +101,10 @@ class SolveInfo:
     forward_iterations: Optional[int] = None
     forward_status: str = "unknown"
     forward_message: str = ""
-    forward_residuals: Optional[list] = None
-    initial_residuals: Optional[list] = None
+    forward_residuals: Optional[List[float]] = None
+    initial_residuals: Optional[List[float]] = None
     backward: Optional[LinearSolveInfo] = None
-    history: list = dataclasses.field(default_factory=list)
+    history: List[LinearSolveInfo] = dataclasses.field(default_factory=list)
 
     def record(self, info: LinearSolveInfo) -> None:
         self.backward = info

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -17,7 +17,9 @@ def default_forward_tol(dtype: torch.dtype) -> float:
     return _FORWARD_TOL.get(dtype, 3e-2)
 
 
-def call_solver(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor]):
+def call_solver(
+    problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor]
+) -> Tuple[List[torch.Tensor], Optional[int], str]:
     """``solver(fn, x0, *params)`` → (tensor leaves of x, iterations or None, message).
 
     A batched problem passes its vmapped function to solvers that declare

@@ -15,7 +15,7 @@ Two implementations with one interface:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 import torch
 
@@ -61,7 +61,7 @@ class AutogradLinearization:
                 self.F = _grad([value], self.x, [torch.ones_like(value)], create_graph=True)
             else:
                 self.F = problem.condition_from_output(problem.call(self.x, self.p), self.x)
-        self._dual = None
+        self._dual: Optional[List[torch.Tensor]] = None
 
     def rmatvec(self, u: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """``(∂ₓF)ᵀ u``."""
@@ -109,7 +109,7 @@ class FuncLinearization:
         self.x = list(x)
         self.p = list(p)
         self.pn = [t for t, need in zip(p, p_needs) if need]
-        self.F, self._vjp = torch.func.vjp(self.condition, self.x, self.pn)
+        self.F, self._vjp = cast(Tuple[Any, Callable[..., Any]], torch.func.vjp(self.condition, self.x, self.pn))
 
     def _merge(self, pn: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         it = iter(pn)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Set, cast
 
 import torch
 
@@ -134,12 +134,14 @@ class Problem:
                 self._check_captured(roots, xs)
         with torch.no_grad():
             n = self.batch_ndim
-            return torch.sqrt(sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in cond))
+            squares = sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in cond)
+            return torch.sqrt(cast(torch.Tensor, squares))
 
     def _check_captured(self, roots: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> None:
         """Warn when the function reaches tensors that require grad but are not params."""
         own_ids = {id(t) for t in own}
-        seen, stack, foreign = set(), [r.grad_fn for r in roots if r.grad_fn is not None], []
+        seen: Set[Any] = set()
+        stack, foreign = [r.grad_fn for r in roots if r.grad_fn is not None], []
         while stack and len(seen) < 100_000:
             node = stack.pop()
             if node is None or node in seen:
@@ -148,7 +150,7 @@ class Problem:
             var = getattr(node, "variable", None)
             if var is not None and id(var) not in own_ids:
                 foreign.append(var)
-            stack.extend(n for n, _ in node.next_functions)
+            stack.extend(n for n, _ in node.next_functions if n is not None)
         if foreign:
             shapes = ", ".join(str(tuple(v.shape)) for v in foreign[:5])
             report(

@@ -21,6 +21,7 @@ def linear_solvers(lipschitz: float = 1.0, symmetric: bool = True):
     solvers = [
         ("Exact", ig.Exact()),
         ("GMRES", ig.GMRES(maxiter=500, restart=50)),
+        ("BiCGStab", ig.BiCGStab(maxiter=1000)),
     ]
     if symmetric:
         solvers += [

@@ -375,3 +375,42 @@ def test_tests_run_from_the_unpacked_sdist(dist, tmp_path):
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\d+ passed", done.stdout)
+
+
+# ---------------------------------------------------------------------------- type checking
+USER_CODE = '''
+import torch
+import implicitgrad as ig
+
+def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((x - t) ** 2).sum()
+
+t = torch.ones(3)
+x = ig.implicit_solve(f, torch.zeros(3), t, solver=lambda fn, x0, t: t)
+reveal_type(x)
+y, info = ig.implicit_solve(f, torch.zeros(3), t, solver=lambda fn, x0, t: t, return_info=True)
+reveal_type(y)
+reveal_type(info)
+tree = ig.root_solve(lambda x, t: {"a": x["a"] - t}, {"a": torch.zeros(3)}, t, solver=lambda fn, x0, t: {"a": t})
+reveal_type(tree)
+z, info2 = ig.fixed_point_solve(lambda x, t: 0.5 * x + t, torch.zeros(3), t, return_info=True)
+reveal_type(info2.backward)
+'''
+
+
+def test_a_users_type_checker_sees_precise_return_types(tmp_path, monkeypatch):
+    api = pytest.importorskip("mypy.api")
+    (tmp_path / "user.py").write_text(USER_CODE)
+    # MYPYPATH: the package as a user's mypy finds it (an editable install's import hook is
+    # invisible to mypy); py.typed makes mypy read it instead of treating it as Any.
+    monkeypatch.setenv("MYPYPATH", str(ROOT))
+    out, err, status = api.run([str(tmp_path / "user.py"), "--cache-dir", str(tmp_path / "cache"),
+                                "--no-error-summary", "--follow-imports=silent"])
+    revealed = [t.replace("builtins.", "") for t in re.findall(r'Revealed type is "([^"]+)"', out)]
+    assert revealed == [
+        "torch._tensor.Tensor",
+        "torch._tensor.Tensor",
+        "implicitgrad._diagnostics.SolveInfo",
+        "dict[str, torch._tensor.Tensor]",
+        "implicitgrad._diagnostics.LinearSolveInfo | None",
+    ], out + err

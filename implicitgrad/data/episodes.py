@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import torch
@@ -169,7 +169,7 @@ class EpisodeSampler:
             new_labels.repeat_interleave(self.k_query),
         )
         if device is not None:
-            task = tuple(t.to(device) for t in task)
+            task = cast(Task, tuple(t.to(device) for t in task))
         return task
 
     def sample(
@@ -261,7 +261,7 @@ def class_split(
     if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
         values = list(range(_check_int(classes, "classes", 0)))
     else:
-        values = _unique_labels(_as_tensor(classes, "classes"), "classes")
+        values = _unique_labels(_as_tensor(cast(ArrayLike, classes), "classes"), "classes")
     seed = _check_int(seed, "seed", 0)
     counts = _split_counts(sizes, len(values))
     generator = torch.Generator().manual_seed(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -202,8 +202,8 @@ class Sinusoid:
             ValueError: If ``num_tasks`` is below 1.
             TypeError: If ``dtype`` is not a floating dtype.
         """
-        batch, functions = self.sample_batch(
+        batch, functions = cast("tuple[Task, list[SinusoidFunction]]", self.sample_batch(
             num_tasks, generator, device, dtype, return_functions=True
-        )
+        ))
         tasks = [tuple(t.clone() for t in task) for task in zip(*(b.unbind(0) for b in batch))]
         return (tasks, functions) if return_functions else tasks

@@ -1,10 +1,11 @@
 """Linear solvers on matrix-vector products over pytrees."""
 
 from ._base import LinearSolver
+from .bicgstab import BiCGStab
 from .cg import CG
 from .exact import Exact
 from .gmres import GMRES
 from .minres import MINRES
 from .neumann import Neumann
 
-__all__ = ["CG", "Exact", "GMRES", "LinearSolver", "MINRES", "Neumann"]
+__all__ = ["BiCGStab", "CG", "Exact", "GMRES", "LinearSolver", "MINRES", "Neumann"]

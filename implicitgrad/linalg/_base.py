@@ -61,6 +61,8 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (a converged or exhausted system)."""
     zero = den == 0
     return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    if total is None:
+        raise ValueError("dot: the vectors have no tensor leaves.")
 
 
 def check_interval(check_every: Optional[int], device: torch.device) -> int:

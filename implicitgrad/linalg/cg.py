@@ -246,3 +246,5 @@ _FIXES = {
     ),
     "nonfinite": NONFINITE_FIX,
 }
+    if total is None:
+        raise ValueError("_flat_dot: the vectors have no tensor leaves.")

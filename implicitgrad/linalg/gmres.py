@@ -2,36 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from .._diagnostics import LinearSolveInfo
-from ._base import (
-    NONFINITE_FIX,
-    IterativeSolver,
-    Matvec,
-    Vector,
-    axpy,
-    dot,
-    norm,
-    safe_div,
-    scale,
-)
+from ._base import NONFINITE_FIX, IterativeSolver, Matvec, Vector
 
 
 class GMRES(IterativeSolver):
     r"""Restarted GMRES(m) for ``A x = b`` with any non-singular ``A``.
 
-    Each cycle builds an orthonormal basis :math:`V_m` of the Krylov space
-    :math:`\mathcal{K}_m(A, r_0)` by Arnoldi (modified Gram-Schmidt) with
-    :math:`A V_m = V_{m+1} \bar H_m`, and takes :math:`x = x_0 + V_m y` with
-    :math:`y = \arg\min_y \|\beta e_1 - \bar H_m y\|`, the minimal residual over the
-    space. Suited to the Jacobians of :func:`~implicitgrad.root_solve` and
+    Each cycle builds an orthonormal basis :math:`V_k` of the Krylov space
+    :math:`\mathcal{K}_k(A, r_0)` by Arnoldi, :math:`A V_k = V_{k+1} \bar H_k` with
+    :math:`\bar H_k` upper Hessenberg, and takes the vector of smallest residual in it,
+
+    .. math::
+
+        x = x_0 + V_k y, \qquad y = \arg\min_y \|\beta e_1 - \bar H_k y\|, \qquad
+        \beta = \|r_0\| .
+
+    The orthogonalisation is classical Gram-Schmidt with one re-orthogonalisation (two
+    block products with the basis per step). Each new column of :math:`\bar H_k` is
+    reduced by one Givens rotation as it arrives, :math:`\Omega_k \bar H_k = [R_k; 0]`,
+    and the rotated right-hand side :math:`g = \beta\,\Omega_k e_1` gives the residual
+    norm of the minimiser for free, :math:`\|b - A x_k\| = |g_{k+1}|`: a step costs one
+    ``matvec`` and :math:`O(k)` vector work, and :math:`R_k y = g_{1:k}` is solved once,
+    when the cycle ends. Suited to the Jacobians of :func:`~implicitgrad.root_solve` and
     :func:`~implicitgrad.fixed_point_solve`, which are not symmetric.
 
+    **Budget.** ``maxiter`` bounds every ``matvec`` call of the solve: the Arnoldi steps
+    of all cycles, the product that measures the true residual :math:`b - A x` after each
+    cycle (which also starts the next cycle), and the initial residual when ``x0`` is
+    given. A cycle gets ``min(restart, remaining budget − 1)`` steps, so that its true
+    residual can still be measured; ``info.iterations`` counts all products.
+
+    **Per-system convergence.** With ``batch_ndim > 0`` each system of the batch has its
+    own basis, rotations and stopping rule :math:`\|r_i\| \le \text{tol}\,\|b_i\|`: a
+    system stops taking steps into its solution at the first step that meets it (the
+    others go on), and a system whose measured residual meets it is not restarted. The
+    reported residual is the largest measured :math:`\|b_i - A x_i\| / \|b_i\|`.
+
+    An exact breakdown of Arnoldi (the Krylov space is invariant) solves a non-singular
+    system (a lucky breakdown: status ``"converged"``). Statuses: ``"converged"``,
+    ``"max_iterations"``, ``"nonfinite"`` (the solution of that system is NaN) and
+    ``"breakdown"`` (a cycle ended on an invariant subspace without reducing the measured
+    residual: ``A`` is singular, or nearly, and ``b`` is not in its range).
+
     Args:
-        maxiter: total number of ``matvec`` calls over all cycles.
+        maxiter: total number of ``matvec`` calls (see Budget).
         restart: Krylov dimension ``m`` of a cycle (memory: ``m + 1`` vectors).
         tol: relative residual to reach; ``None``: 1e-10 (float64), 1e-5 (float32).
         check_every: Arnoldi steps between host-synchronising checks (``None``: 1 on
@@ -42,12 +62,13 @@ class GMRES(IterativeSolver):
         >>> A = torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 0.0], dtype=torch.float64)
         >>> x, info = ig.GMRES()(lambda v: A @ v, b)
-        >>> info.converged, torch.allclose(A @ x, b)
-        (True, True)
+        >>> info.converged, info.iterations, torch.allclose(A @ x, b)
+        (True, 3, True)
 
     References:
         Saad and Schultz, GMRES: A Generalized Minimal Residual Algorithm for Solving
-        Nonsymmetric Linear Systems, 1986.
+        Nonsymmetric Linear Systems, 1986. Giraud, Langou and Rozložník, The loss of
+        orthogonality in the Gram-Schmidt orthogonalization process, 2005.
     """
 
     def __init__(
@@ -75,71 +96,146 @@ class GMRES(IterativeSolver):
         spec=None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
-        b_norm = norm(b, batch_ndim)
+        pack, unpack = _packing(b, batch_ndim)
+
+        def op(v: torch.Tensor) -> torch.Tensor:
+            return pack(matvec(unpack(v)))
+
+        rhs = pack(b)
+        b_norm = torch.linalg.vector_norm(rhs, dim=1)
         threshold = tol * b_norm
-        x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
-        r = list(b) if x0 is None else [bi - ai for bi, ai in zip(b, matvec(x))]
-        r_norm = norm(r, batch_ndim)
-        iterations = 0
-        status = None
-        while iterations < self.maxiter and not bool((r_norm <= threshold).all()):
-            if not bool(torch.isfinite(r_norm).all()):
-                status = "nonfinite"
+        used = 0
+        if x0 is None:
+            x = torch.zeros_like(rhs)
+            r = rhs
+        else:
+            x = pack(x0).clone()
+            r = rhs - op(x)
+            used = 1
+        r_norm = torch.linalg.vector_norm(r, dim=1)
+        nonfinite = ~torch.isfinite(r_norm)
+        done = r_norm <= threshold
+        broken = torch.zeros_like(done)
+        basis = None
+        while True:
+            # One host read per cycle: the measured residuals decide.
+            any_nonfinite, finished = torch.stack([nonfinite.any(), (done | broken | nonfinite).all()]).tolist()
+            steps = min(self.restart, self.maxiter - used - 1)
+            if finished or steps < 1:
                 break
-            x, r_norm, used = self._cycle(matvec, b, x, r, r_norm, threshold, batch_ndim, every)
-            iterations += used
-            if iterations < self.maxiter:
-                r = [bi - ai for bi, ai in zip(b, matvec(x))]
-                r_norm = norm(r, batch_ndim)
-        if status is None and not bool(torch.isfinite(r_norm).all()):
+            if basis is None:
+                basis = rhs.new_empty(min(self.restart, self.maxiter) + 1, *rhs.shape)
+            active = ~(done | broken | nonfinite)
+            # A finished system enters the cycle with a zero residual: it takes no step.
+            beta = torch.where(active, r_norm, torch.zeros_like(r_norm))
+            limit = torch.where(active, threshold.clamp_min(torch.finfo(rhs.dtype).tiny), torch.ones_like(threshold))
+            update, taken, claimed = _cycle(op, torch.where(active[:, None], r, 0.0), beta, limit, steps,
+                                            every, basis)
+            used += taken + 1
+            x = x + update
+            r = rhs - op(x)
+            new_norm = torch.linalg.vector_norm(r, dim=1)
+            nonfinite = nonfinite | ~torch.isfinite(new_norm)
+            # In exact arithmetic a cycle never increases the residual; one that claims
+            # convergence and gains nothing has met an invariant subspace that b is not in.
+            broken = broken | (active & claimed & (new_norm > threshold) & (new_norm >= r_norm))
+            done = done | (new_norm <= threshold)
+            r_norm = new_norm
+        status = None
+        if any_nonfinite:
             status = "nonfinite"
-        info = self._finish(iterations, safe_div(r_norm, b_norm), tol, status, _FIXES)
-        return x, info
-
-    def _cycle(self, matvec, b, x, r, r_norm, threshold, batch_ndim, every):
-        """One Arnoldi cycle; returns the updated ``x``, its residual norm, steps used."""
-        m = min(self.restart, self.maxiter)
-        batch_shape = r_norm.shape
-        dtype, device = r_norm.dtype, r_norm.device
-        inv = safe_div(torch.ones_like(r_norm), r_norm)
-        basis = [[scale(inv, t) for t in r]]
-        h = torch.zeros(*batch_shape, m + 1, m, dtype=dtype, device=device)
-        rhs = torch.zeros(*batch_shape, m + 1, dtype=dtype, device=device)
-        rhs[..., 0] = r_norm
-        y = None
-        steps = 0
-        res = r_norm
-        for j in range(m):
-            w = matvec(basis[j])
-            for i in range(j + 1):
-                hij = dot(w, basis[i], batch_ndim)
-                h[..., i, j] = hij
-                w = axpy(-hij, basis[i], w)
-            w_norm = norm(w, batch_ndim)
-            h[..., j + 1, j] = w_norm
-            basis.append([scale(safe_div(torch.ones_like(w_norm), w_norm), t) for t in w])
-            steps = j + 1
-            if steps % every == 0 or steps == m:
-                y, res = _least_squares(h[..., : j + 2, : j + 1], rhs[..., : j + 2])
-                if bool((res <= threshold).all()) or bool((w_norm == 0).all()):
-                    break
-        if y is None or y.shape[-1] != steps:
-            y, res = _least_squares(h[..., : steps + 1, :steps], rhs[..., : steps + 1])
-        for i in range(steps):
-            x = axpy(y[..., i], basis[i], x)
-        return x, res, steps
+            x = torch.where(nonfinite[:, None], torch.full_like(x, math.nan), x)
+        elif bool(broken.any()):
+            status = "breakdown"
+        rel = r_norm / torch.where(b_norm == 0, torch.ones_like(b_norm), b_norm)
+        return unpack(x), self._finish(used, rel, tol, status, _FIXES)
 
 
-def _least_squares(h: torch.Tensor, rhs: torch.Tensor):
-    """``y = argmin ‖rhs − H y‖`` per system (small dense problems), and that residual."""
-    q, rr = torch.linalg.qr(h, mode="reduced")
-    qtb = (q.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1)
-    diag = torch.diagonal(rr, dim1=-2, dim2=-1)
-    # A zero pivot is a lucky breakdown: the solution lies in the smaller space already.
-    safe = rr + torch.diag_embed((diag == 0).to(rr.dtype))
-    y = torch.linalg.solve_triangular(safe, qtb.unsqueeze(-1), upper=True).squeeze(-1)
-    res = (rhs - (h @ y.unsqueeze(-1)).squeeze(-1)).norm(dim=-1)
-    return y, res
+def _packing(b: Vector, batch_ndim: int) -> Tuple[Callable[[Vector], torch.Tensor], Callable[[torch.Tensor], Vector]]:
+    """Maps between the leaves of a vector and one ``(systems, unknowns)`` matrix."""
+    batch_shape = b[0].shape[:batch_ndim]
+    systems = math.prod(batch_shape)
+    shapes = [t.shape for t in b]
+    sizes = [math.prod(t.shape[batch_ndim:]) for t in b]
+
+    def pack(leaves: Vector) -> torch.Tensor:
+        if len(leaves) == 1:
+            return leaves[0].reshape(systems, sizes[0])
+        return torch.cat([t.reshape(systems, n) for t, n in zip(leaves, sizes)], dim=1)
+
+    def unpack(flat: torch.Tensor) -> List[torch.Tensor]:
+        if len(shapes) == 1:
+            return [flat.reshape(shapes[0])]
+        return [part.reshape(shape) for part, shape in zip(flat.split(sizes, dim=1), shapes)]
+
+    return pack, unpack
+
+
+def _cycle(op, r, beta, limit, steps: int, every: int, basis: torch.Tensor):
+    """One Arnoldi cycle from the residuals ``r`` (``(systems, n)``, norms ``beta``).
+
+    Returns the correction of ``x``, the number of steps (products) taken, and per system
+    whether its residual estimate reached ``limit`` (its tolerance × ‖b‖).
+    """
+    dtype, device = r.dtype, r.device
+    # ‖w‖ + tiny keeps every division finite: a zero vector (an exact breakdown, or a
+    # system that entered the cycle solved) stays zero, and its rotation leaves the
+    # residual estimate unchanged.
+    tiny = torch.finfo(dtype).tiny
+    basis[0] = r / (beta + tiny)[:, None]
+    # rows[j] is row j of the product of the rotations met before step j (zero beyond
+    # entry j): β |rows[j][0]| is the residual after j steps, and its dot with column j
+    # of the Hessenberg matrix is the entry the next rotation acts on.
+    rows = [torch.ones_like(beta)[:, None]]
+    columns, subdiagonal, rotations = [], [], []
+    scale = beta / limit
+    for j in range(steps):
+        w = op(basis[j]).unsqueeze(1)
+        known = basis[: j + 1].transpose(0, 1)
+        known_t = known.transpose(1, 2)
+        h = torch.bmm(w, known_t)
+        w = torch.baddbmm(w, h, known, alpha=-1)
+        again = torch.bmm(w, known_t)
+        w = torch.baddbmm(w, again, known, alpha=-1)
+        column = (h + again).squeeze(1)
+        w_norm = torch.linalg.vector_norm(w, dim=2) + tiny
+        basis[j + 1] = w.squeeze(1) / w_norm
+        row = rows[j]
+        # The reflection [[c, s], [s, −c]] maps (row · column, ‖w‖) to (‖·‖, 0).
+        diagonal = torch.linalg.vecdot(row, column).unsqueeze(1)
+        rotation = torch.cat((diagonal, w_norm), dim=1) / torch.hypot(diagonal, w_norm)
+        rows.append(torch.cat((row * rotation[:, 1:], -rotation[:, :1]), dim=1))
+        columns.append(column)
+        subdiagonal.append(w_norm)
+        rotations.append(rotation)
+        if (j + 1) % every == 0 and j + 1 < steps:
+            # NaN fails the comparison and ends the cycle: the measured residual reports it.
+            if not float(torch.linalg.vector_norm(rows[j + 1][:, 0] * scale, ord=math.inf)) > 1.0:
+                break
+    k = len(columns)
+    rotation = torch.stack(rotations, dim=1)
+    # Row j of the product of all rotations is (c_j · rows[j], s_j) on its first j + 2
+    # entries; times the Hessenberg matrix it gives the triangular factor R.
+    omega = torch.zeros(r.shape[0], k, k + 1, dtype=dtype, device=device)
+    hess_t = torch.zeros_like(omega)
+    for j in range(k):
+        omega[:, j, : j + 1] = rows[j] * rotation[:, j, :1]
+        hess_t[:, j, : j + 1] = columns[j]
+    omega.diagonal(offset=1, dim1=1, dim2=2).copy_(rotation[:, :, 1])
+    hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(torch.cat(subdiagonal, dim=1))
+    upper = torch.bmm(omega, hess_t.transpose(1, 2))
+    g = beta[:, None] * omega[:, :, 0]
+    estimates = torch.cat([q[:, :1] for q in rows[1:]], dim=1).abs() * scale[:, None]
+    reached = estimates <= 1.0
+    claimed = reached.any(dim=1)
+    # Each system keeps the steps up to the first that met its tolerance.
+    useful = torch.where(claimed, reached.to(torch.int64).argmax(dim=1) + 1, k)
+    keep = torch.arange(k, device=device)[None, :] < useful[:, None]
+    upper = torch.where(keep[:, :, None] & keep[:, None, :], upper, torch.eye(k, dtype=dtype, device=device))
+    g = torch.where(keep, g, torch.zeros_like(g))
+    y = torch.linalg.solve_triangular(upper, g.unsqueeze(2), upper=True)
+    update = torch.bmm(y.transpose(1, 2), basis[:k].transpose(0, 1)).squeeze(1)
+    return update, k, claimed
 
 
 _FIXES = {
@@ -147,6 +243,13 @@ _FIXES = {
         "GMRES did not reach tol={tol:.1e} (relative residual {res:.2e}). Increase maxiter "
         "or restart (a larger Krylov space per cycle), or check that the Jacobian is "
         "well conditioned at x (solve the inner problem further)."
+    ),
+    "breakdown": (
+        "GMRES broke down at relative residual {res:.2e} (tol={tol:.1e}): a cycle ended on an "
+        "invariant Krylov subspace without reducing the residual, so the matrix is singular "
+        "(or nearly) and the right-hand side is not in its range. Solve the inner problem "
+        "further (a Jacobian that is singular at x), or use Exact for the least-squares "
+        "solution."
     ),
     "nonfinite": NONFINITE_FIX,
 }

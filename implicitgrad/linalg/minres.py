@@ -118,12 +118,13 @@ class MINRES(SymmetricIterativeSolver):
         not_spd = beta_sq < 0
         beta = beta_sq.clamp_min(0).sqrt()
         inv_beta = _reciprocal(beta)
-        true_res: Optional[torch.Tensor] = beta if plain else norm(r1, batch_ndim)
-        x_init, initial_res = x, true_res
+        initial_res = beta if plain else norm(r1, batch_ndim)
+        true_res: Optional[torch.Tensor] = initial_res
+        x_init = x
         # phibar is the residual in the M-norm (the 2-norm without M). Its target starts at
         # tol·‖b‖ rescaled by the ratio of the two norms at r0, and is tightened for a
         # system whose measured residual missed tol.
-        target = threshold if plain else threshold * safe_div(beta, true_res)
+        target = threshold if plain else threshold * safe_div(beta, initial_res)
         phibar = beta
         zero = torch.zeros_like(beta)
         inv_oldb, dbar, epsln, sn = zero, zero, zero, zero
@@ -132,7 +133,7 @@ class MINRES(SymmetricIterativeSolver):
         w = w2 = [torch.zeros_like(t) for t in b]
         # A frozen system keeps x and phibar: converged (measured), not SPD, or stalled
         # (Lanczos ended, γ = 0, with the residual above tol).
-        frozen = not_spd | (true_res <= threshold)
+        frozen = not_spd | (initial_res <= threshold)
         status, iterations, measured = None, 0, 0
         nonfinite, ready = _flags(phibar, frozen)
         if nonfinite:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -269,8 +269,10 @@ class MetaLearner:
             return True
         return same and len(tasks) > 1 and possible
 
-    #: Whether the meta-gradient differentiates inner gradients taken under ``vmap`` (MAML).
-    _differentiates_gradients = False
+    @property
+    def _differentiates_gradients(self) -> bool:
+        """Whether the meta-gradient differentiates inner gradients taken under ``vmap`` (MAML)."""
+        return False
 
 
 class GradientStepLearner(MetaLearner):
@@ -342,7 +344,7 @@ def vmappable(model: nn.Module, second_order: bool = False) -> bool:
 
 def linear_surrogate(meta: Params, direction: Params) -> Tensor:
     """``Σ ⟨θ, d⟩`` with ``d`` detached: its gradient with respect to θ is exactly ``d``."""
-    return sum((meta[k] * d.detach()).sum() for k, d in direction.items())
+    return cast(Tensor, sum((meta[k] * d.detach()).sum() for k, d in direction.items()))
 
 
 def _check_tasks(tasks: Any, owner: str) -> List[Task]:

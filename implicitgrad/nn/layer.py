@@ -169,7 +169,7 @@ class ImplicitLayer(nn.Module):
         if len(inputs) == 1 and isinstance(inputs[0], tuple):
             inputs = inputs[0]
         inputs = tuple(self.prepare(*inputs))
-        params = dict(self.named_parameters())
+        params: Dict[str, torch.Tensor] = dict(self.named_parameters())
         x0 = self.init(inputs)
         solve = implicit_solve if self._kind == "objective" else root_solve
         fn = self.objective if self._kind == "objective" else self.residual

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union, cast
 
 import torch
 
@@ -70,7 +70,7 @@ def flatten_x(x0: Any) -> Tuple[List[torch.Tensor], Callable[[List[torch.Tensor]
 
 
 def leaves_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
-    return torch.sqrt(sum((t.detach() ** 2).sum() for t in tensors))
+    return torch.sqrt(cast(torch.Tensor, sum((t.detach() ** 2).sum() for t in tensors)))
 
 
 def objective_grad(
@@ -120,7 +120,7 @@ def check_float_leaves(owner: str, leaves: List[torch.Tensor], real: bool = Fals
             raise TypeError(f"{owner}: every tensor leaf of x0 must be {kind}, got dtype {t.dtype}.")
 
 
-def relative_threshold(tol: float, initial: torch.Tensor) -> float:
+def relative_threshold(tol: float, initial: Union[torch.Tensor, float]) -> float:
     """The stopping threshold ``tol · max(1, ‖initial‖)`` every built-in solver uses."""
     return tol * max(1.0, float(initial))
 

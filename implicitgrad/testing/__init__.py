@@ -9,6 +9,8 @@
   first use: it needs the ``hypothesis`` package).
 """
 
+from typing import Any
+
 from . import problems
 from .check import (
     HypergradientCheckError,
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Hypothesis is a test dependency: import the strategies only when asked for.
     if name == "strategies":
         import importlib

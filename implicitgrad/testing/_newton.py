@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -55,7 +55,8 @@ class Newton:
             return objective(unflatten(w), *params)
 
         v = v.detach()
-        threshold = floor = None
+        threshold: Optional[float] = None
+        floor = 0.0  # set with threshold on the first iteration
         previous = math.inf
         with torch.enable_grad():
             for _ in range(self.maxiter):

@@ -60,7 +60,9 @@ __all__ = [
 # Five-point central stencil: f'(θ) ≈ Σ w_k f(θ + o_k h) / h, truncation error O(h⁴).
 _STENCIL_OFFSETS = (2.0, 1.0, -1.0, -2.0)
 _STENCIL_WEIGHTS = (-1.0 / 12, 8.0 / 12, -8.0 / 12, 1.0 / 12)
-_SOLVE = {"objective": implicit_solve, "residual": root_solve, "mapping": fixed_point_solve}
+_SOLVE: Dict[str, Callable[..., Any]] = {
+    "objective": implicit_solve, "residual": root_solve, "mapping": fixed_point_solve,
+}
 
 # Default settings per dtype: finite-difference step, tolerances, absolute floor.
 _DEFAULTS = {
@@ -202,7 +204,7 @@ def check_hypergradient(
     _validate(objective, solver, outer, kind, references, fd_directions)
     run_dtype = dtype if dtype is not None else _first_float_dtype(x0, params)
     defaults = _DEFAULTS.get(run_dtype, _DEFAULTS[torch.float32])
-    settings = {k: v if v is not None else defaults[k] for k, v in
+    settings: Dict[str, Any] = {k: v if v is not None else defaults[k] for k, v in
                 {"eps": eps, "rtol": rtol, "fd_rtol": fd_rtol, "unrolled_rtol": unrolled_rtol,
                  "atol": atol}.items()}
     for name in ("eps", "rtol", "fd_rtol", "unrolled_rtol", "atol"):
@@ -374,7 +376,8 @@ class _Runner:
     def finite_differences(self, eps: float, directions: Optional[int], seed: int):
         """Five-point differences per leaf, and whether the solver's output moved at all."""
         gen = torch.Generator().manual_seed(seed)
-        values, projections, moved = [], [], []
+        values, moved = [], []
+        projections: List[Optional[torch.Tensor]] = []
         for i in self.wrt:
             base = self.flat[i].detach()
             n = base.numel()

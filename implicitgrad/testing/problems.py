@@ -219,6 +219,7 @@ def quadratic_problem(
 
     x_star = h_inverse(b @ theta + c)
     grad = b.T @ h_inverse(x_star - t) + rho * theta
+    inner_solver: Callable[..., Any]
     if solver == "closed_form":
         inner_solver = _Named(closed_form, "closed_form")
     else:
