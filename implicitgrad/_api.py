@@ -19,9 +19,8 @@ __all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
 
 MODES = ("implicit", "unrolled")
 
-
 X = TypeVar("X")  # the structure of x0, which the solution keeps
-def implicit_solve(
+
 
 @overload
 def implicit_solve(
@@ -36,6 +35,7 @@ def implicit_solve(
     return_info: Literal[True], forward_tol: Optional[float] = ...,
 ) -> Tuple[X, SolveInfo]: ...
 @overload
+def implicit_solve(
     objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
     linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
     return_info: bool = ..., forward_tol: Optional[float] = ...,
@@ -125,7 +125,6 @@ def implicit_solve(
     )
 
 
-def root_solve(
 @overload
 def root_solve(
     residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
@@ -144,6 +143,7 @@ def root_solve(
     linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
     return_info: bool = ..., forward_tol: Optional[float] = ...,
 ) -> Union[X, Tuple[X, SolveInfo]]: ...
+def root_solve(
     residual: Callable[..., Any],
     x0: Any,
     *params: Any,
@@ -176,8 +176,8 @@ def root_solve(
     )
 
 
-def fixed_point_solve(
 @overload
+def fixed_point_solve(
     mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
     linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,

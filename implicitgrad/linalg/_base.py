@@ -34,6 +34,8 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch_ndim: int) -
     for x, y in zip(a, b):
         term = (x * y).reshape(*x.shape[:batch_ndim], -1).sum(-1)
         total = term if total is None else total + term
+    if total is None:
+        raise ValueError("dot: the vectors have no tensor leaves.")
     return total
 
 
@@ -61,8 +63,6 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (a converged or exhausted system)."""
     zero = den == 0
     return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
-    if total is None:
-        raise ValueError("dot: the vectors have no tensor leaves.")
 
 
 def check_interval(check_every: Optional[int], device: torch.device) -> int:

@@ -222,6 +222,8 @@ def _flat_dot(a: Vector, b: Vector) -> torch.Tensor:
     for x, y in zip(a, b):
         term = torch.dot(x.reshape(-1), y.reshape(-1))
         total = term if total is None else total + term
+    if total is None:
+        raise ValueError("_flat_dot: the vectors have no tensor leaves.")
     return total
 
 
@@ -246,5 +248,3 @@ _FIXES = {
     ),
     "nonfinite": NONFINITE_FIX,
 }
-    if total is None:
-        raise ValueError("_flat_dot: the vectors have no tensor leaves.")

@@ -7,8 +7,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from .._tree import tree_flatten
-from ..linalg._base import check_interval
-from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x, leaves_norm
+from ..linalg._base import check_interval, norm, select
+from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x
 
 
 class FixedPointIteration(InnerSolver):
@@ -16,7 +16,9 @@ class FixedPointIteration(InnerSolver):
 
     Converges to the fixed point when ``T`` is a contraction (any ``β ∈ (0, 1]``) or
     non-expansive (``β < 1``). Stops when
-    :math:`\|x - T(x)\| \le \text{tol} \cdot \max(1, \|x_0 - T(x_0)\|)`.
+    :math:`\|x - T(x)\| \le \text{tol} \cdot \max(1, \|x_0 - T(x_0)\|)`. Under
+    ``torch.func.vmap`` (a batch of problems) the rule holds per problem: a problem stops
+    moving once it meets its own tolerance, and the iteration ends when every problem has.
 
     Args:
         maxiter: largest number of iterations.
@@ -36,6 +38,7 @@ class FixedPointIteration(InnerSolver):
 
     unrollable = True
     batchable = True
+    per_system = True
 
     def __init__(
         self,
@@ -54,12 +57,19 @@ class FixedPointIteration(InnerSolver):
         return (f"FixedPointIteration(maxiter={self.maxiter}, tol={self.tol}, "
                 f"damping={self.damping})")
 
-    def run(self, fn: Callable, x0: Any, *params: Any) -> Tuple[Any, SolverStats]:
+    def run(self, fn: Callable, x0: Any, *params: Any, batch_ndim: int = 0) -> Tuple[Any, SolverStats]:
+        """Iterate; with ``batch_ndim > 0`` the leading dims of every leaf index independent problems.
+
+        Each problem then has its own stopping rule: it stops moving once its residual
+        meets its own tolerance, and the run ends when every problem has (or at
+        ``maxiter``), so a well-converged problem cannot hide one that is not.
+        """
         x, rebuild = flatten_x(x0)
         tol = self.tol if self.tol is not None else default_tol(x[0].dtype)
         every = check_interval(self.check_every, x[0].device)
         beta = self.damping
-        threshold = None
+        threshold: Optional[torch.Tensor] = None
+        moving: Optional[torch.Tensor] = None
         r_norm = torch.tensor(float("nan"))
         k = 0
         for k in range(1, self.maxiter + 1):
@@ -67,12 +77,23 @@ class FixedPointIteration(InnerSolver):
             if len(t) != len(x):
                 raise ValueError("FixedPointIteration: the mapping must return the structure of x.")
             if tol > 0 and (k == 1 or k % every == 0):
-                r_norm = leaves_norm([a - b for a, b in zip(x, t)])
+                r_norm = norm([(a - b).detach() for a, b in zip(x, t)], batch_ndim)
                 if threshold is None:
-                    threshold = tol * max(1.0, float(r_norm))
-                if float(r_norm) <= threshold:
+                    threshold = tol * r_norm.clamp_min(1.0)
+                # NaN counts as not converged: it keeps the run going and is reported.
+                moving = ~(r_norm <= threshold)
+                if not bool(moving.any()):
                     k -= 1
                     break
-            x = [(1 - beta) * a + beta * b for a, b in zip(x, t)] if beta != 1 else t
-        converged = None if threshold is None else bool(float(r_norm) <= threshold)
-        return rebuild(x), SolverStats(k, float(r_norm), converged)
+            step = [(1 - beta) * a + beta * b for a, b in zip(x, t)] if beta != 1 else t
+            x = step if moving is None or batch_ndim == 0 else [select(moving, s, a) for s, a in zip(step, x)]
+        if threshold is None:
+            return rebuild(x), SolverStats(k, float(r_norm), None)
+        failed = ~(r_norm <= threshold)
+        converged = not bool(failed.any())
+        message = ""
+        if not converged and batch_ndim:
+            worst = float((r_norm / threshold * tol).max())
+            message = (f"relative fixed-point residual up to {worst:.3e} above tol={tol:.1e} in "
+                       f"{int(failed.sum())} of {failed.numel()} problems after {k} iterations")
+        return rebuild(x), SolverStats(k, float(r_norm.square().sum().sqrt()), converged, message)
