@@ -82,7 +82,7 @@ class Exact(LinearSolver):
         status = None
         eps = torch.finfo(a.dtype).eps
         solution = None
-        if torch.allclose(a, a.transpose(-1, -2), rtol=1e3 * eps, atol=1e3 * eps * a.abs().max()):
+        if torch.allclose(a, a.transpose(-1, -2), rtol=1e3 * eps, atol=1e3 * eps * float(a.abs().max())):
             chol, bad = torch.linalg.cholesky_ex(a)
             if not bool(bad.any()) and _well_conditioned(torch.diagonal(chol, dim1=-2, dim2=-1) ** 2, eps, n):
                 solution = torch.cholesky_solve(rhs, chol)
