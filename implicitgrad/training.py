@@ -13,6 +13,7 @@ import contextlib
 import numbers
 import os
 import random
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -304,7 +305,9 @@ def _progress_bar(enabled: bool, total: int, initial: int, description: str | No
             stacklevel=user_stacklevel(),
         )
         return None
-    return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True)
+    # Redrawn 10 times a second on a terminal, every 5 s into a log file or a pipe.
+    interval = 0.1 if sys.stderr.isatty() else 5.0
+    return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True, mininterval=interval)
 
 
 def run_training(
