@@ -7,7 +7,7 @@ from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union
 
 import torch
 
-from ._diagnostics import SolveInfo, check_on_failure
+from ._diagnostics import SolveInfo, check_on_failure, report
 from ._forward import call_solver
 from ._functions import ImplicitSolve, _wrapped
 from ._problem import Problem
@@ -119,6 +119,12 @@ def implicit_solve(
     References:
         Blondel et al., Efficient and Modular Implicit Differentiation, 2022.
     """
+    # A solver of a composite problem (ig.solvers.ProximalGradient, ProjectedGradient) states
+    # its optimality condition as a fixed point x = T(x, θ), whose matrix is not symmetric.
+    optimality_mapping = getattr(solver, "optimality_mapping", None)
+    if callable(optimality_mapping):
+        return _solve("mapping", optimality_mapping(objective), x0, params, solver,
+                      linear_solver or GMRES(), mode, on_failure, return_info, forward_tol)
     return _solve(
         "objective", objective, x0, params, solver, linear_solver or CG(), mode, on_failure,
         return_info, forward_tol,
@@ -304,6 +310,14 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     check_on_failure(on_failure)
+    if kind != "objective" and getattr(linear_solver, "symmetric", False):
+        report(
+            f"{type(linear_solver).__name__} assumes a symmetric matrix, but the {kind} condition's "
+            f"matrix A = {'I − ∂ₓT' if kind == 'mapping' else '∂ₓF'} is not symmetric in general: "
+            "the backward solve can stop with a wrong gradient. Use linear_solver=ig.GMRES() "
+            "(or ig.BiCGStab(), or ig.Exact() for small problems).",
+            "ignore" if on_failure == "ignore" else "warn",
+        )
     if forward_tol is not None and not forward_tol > 0:
         raise ValueError(f"forward_tol must be positive, got {forward_tol!r}.")
 
