@@ -44,7 +44,8 @@ class BiCGStab(IterativeSolver):
     with the shadow residual :math:`\hat r_0 = r_0`. Memory is constant (seven vectors,
     whatever the number of iterations) where :class:`~implicitgrad.GMRES` stores its
     whole basis; the price is a residual that is not monotone and two ways to break down:
-    :math:`\rho_k \approx 0` (the shadow residual is orthogonal to the residual) and
+    :math:`\rho_k \approx 0` or :math:`\langle \hat r_0, A \hat p_k\rangle \approx 0` (the
+    shadow residual is orthogonal to the Krylov vectors) and
     :math:`\omega_k \approx 0` (the minimal-residual step stagnates). Either one stops that
     system with status ``"breakdown"``; GMRES, which cannot break down on a non-singular
     matrix, is the fix.
@@ -196,21 +197,24 @@ class _State:
     def step(self, matvec: Matvec, precond: Matvec, x: Vector, active: torch.Tensor, eps: float):
         """One iteration on the ``active`` systems (the others keep ``x`` and their state).
 
-        Returns ``x``, whether the half step met the tolerance (``half``, filled in by the
-        caller's threshold through ``r_norm`` of ``s``), the two breakdown flags and the
-        new residual norm.
+        Returns ``x``, whether the half step alone solved the system (``s ≈ 0``), the two
+        breakdown flags and the norm of each system's new residual.
         """
         n = self.batch_ndim
         r, shadow = self.r, self.shadow
         rho = dot(shadow, r, n)
         r_norm = norm(r, n)
+        shadow_norm = norm(shadow, n)
         # A shadow residual (nearly) orthogonal to the residual: BiCG's recurrence ends.
-        rho_bad = rho.abs() <= eps * norm(shadow, n) * r_norm
+        rho_bad = rho.abs() <= eps * shadow_norm * r_norm
         beta = safe_div(rho, self.rho) * safe_div(self.alpha, self.omega)
         p = axpy(beta, axpy(-self.omega, self.v, self.p), r)
         p_hat = precond(p)
         v = matvec(p_hat)
-        alpha = safe_div(rho, dot(shadow, v, n))
+        pivot = dot(shadow, v, n)
+        # BiCG's pivot ⟨r̂₀, A p̂⟩ ≈ 0 ends the recurrence as ρ ≈ 0 does.
+        rho_bad = rho_bad | (pivot.abs() <= eps * shadow_norm * norm(v, n))
+        alpha = safe_div(rho, pivot)
         s = axpy(-alpha, v, r)
         s_norm = norm(s, n)
         s_hat = precond(s)
@@ -244,8 +248,8 @@ _FIXES = {
     ),
     "breakdown": (
         "BiCGStab broke down at relative residual {res:.2e} (tol={tol:.1e}): ρ = ⟨r̂₀, r⟩ ≈ 0 "
-        "(the shadow residual became orthogonal to the residual) or ω ≈ 0 (the stabilising "
-        "step stagnated). Use GMRES, which does not break down on a non-singular matrix."
+        "or ⟨r̂₀, A p̂⟩ ≈ 0 (the shadow residual became orthogonal to the Krylov vectors) or ω ≈ 0 "
+        "(the stabilising step stagnated). Use GMRES, which does not break down on a non-singular matrix."
     ),
     "nonfinite": NONFINITE_FIX,
 }

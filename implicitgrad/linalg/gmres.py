@@ -129,16 +129,16 @@ class GMRES(IterativeSolver):
             # A finished system enters the cycle with a zero residual: it takes no step.
             beta = torch.where(active, r_norm, torch.zeros_like(r_norm))
             limit = torch.where(active, threshold.clamp_min(torch.finfo(rhs.dtype).tiny), torch.ones_like(threshold))
-            update, taken, claimed = _cycle(op, torch.where(active[:, None], r, 0.0), beta, limit, steps,
-                                            every, basis)
+            update, taken, invariant = _cycle(op, torch.where(active[:, None], r, 0.0), beta, limit, active,
+                                              steps, every, basis)
             used += taken + 1
             x = x + update
             r = rhs - op(x)
             new_norm = torch.linalg.vector_norm(r, dim=1)
             nonfinite = nonfinite | ~torch.isfinite(new_norm)
-            # In exact arithmetic a cycle never increases the residual; one that claims
-            # convergence and gains nothing has met an invariant subspace that b is not in.
-            broken = broken | (active & claimed & (new_norm > threshold) & (new_norm >= r_norm))
+            # A cycle that ends on an invariant Krylov subspace without reducing the
+            # residual at all: b has a component outside the range of A.
+            broken = broken | (active & invariant & (new_norm > threshold) & (new_norm >= r_norm))
             done = done | (new_norm <= threshold)
             r_norm = new_norm
         status = None
@@ -171,11 +171,13 @@ def _packing(b: Vector, batch_ndim: int) -> Tuple[Callable[[Vector], torch.Tenso
     return pack, unpack
 
 
-def _cycle(op, r, beta, limit, steps: int, every: int, basis: torch.Tensor):
+def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tensor):
     """One Arnoldi cycle from the residuals ``r`` (``(systems, n)``, norms ``beta``).
 
-    Returns the correction of ``x``, the number of steps (products) taken, and per system
-    whether its residual estimate reached ``limit`` (its tolerance × ‖b‖).
+    A system stops taking steps into its correction at the first step whose residual
+    estimate reaches ``limit`` (its tolerance × ‖b‖); the checks read only the ``active``
+    systems. Returns the correction of ``x``, the number of steps (products) taken, and per
+    system whether Arnoldi met a (numerically) invariant subspace.
     """
     dtype, device = r.dtype, r.device
     # ‖w‖ + tiny keeps every division finite: a zero vector (an exact breakdown, or a
@@ -188,7 +190,7 @@ def _cycle(op, r, beta, limit, steps: int, every: int, basis: torch.Tensor):
     # of the Hessenberg matrix is the entry the next rotation acts on.
     rows = [torch.ones_like(beta)[:, None]]
     columns, subdiagonal, rotations = [], [], []
-    scale = beta / limit
+    scale = torch.where(active, beta / limit, torch.zeros_like(beta))
     for j in range(steps):
         w = op(basis[j]).unsqueeze(1)
         known = basis[: j + 1].transpose(0, 1)
@@ -210,10 +212,12 @@ def _cycle(op, r, beta, limit, steps: int, every: int, basis: torch.Tensor):
         rotations.append(rotation)
         if (j + 1) % every == 0 and j + 1 < steps:
             # NaN fails the comparison and ends the cycle: the measured residual reports it.
-            if not float(torch.linalg.vector_norm(rows[j + 1][:, 0] * scale, ord=math.inf)) > 1.0:
+            estimate = torch.where(active, rows[j + 1][:, 0].abs() * scale, torch.zeros_like(scale))
+            if not float(estimate.max()) > 1.0:
                 break
     k = len(columns)
     rotation = torch.stack(rotations, dim=1)
+    below = torch.cat(subdiagonal, dim=1)
     # Row j of the product of all rotations is (c_j · rows[j], s_j) on its first j + 2
     # entries; times the Hessenberg matrix it gives the triangular factor R.
     omega = torch.zeros(r.shape[0], k, k + 1, dtype=dtype, device=device)
@@ -222,20 +226,31 @@ def _cycle(op, r, beta, limit, steps: int, every: int, basis: torch.Tensor):
         omega[:, j, : j + 1] = rows[j] * rotation[:, j, :1]
         hess_t[:, j, : j + 1] = columns[j]
     omega.diagonal(offset=1, dim1=1, dim2=2).copy_(rotation[:, :, 1])
-    hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(torch.cat(subdiagonal, dim=1))
+    hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(below)
     upper = torch.bmm(omega, hess_t.transpose(1, 2))
     g = beta[:, None] * omega[:, :, 0]
     estimates = torch.cat([q[:, :1] for q in rows[1:]], dim=1).abs() * scale[:, None]
     reached = estimates <= 1.0
-    claimed = reached.any(dim=1)
+    # Relative to ‖A v_j‖ (the norm of column j of the Hessenberg matrix): a new basis
+    # vector that vanishes means the Krylov space is invariant; a pivot of R that
+    # vanishes means A is singular on it, and the directions from there on are dropped
+    # (they would only add a null-space component of any size).
+    floor = 100 * torch.finfo(dtype).eps * torch.linalg.vector_norm(hess_t, dim=2) + 2 * tiny
+    degenerate = upper.diagonal(dim1=1, dim2=2).abs() <= floor
+    invariant = ((below <= floor) | degenerate).any(dim=1)
     # Each system keeps the steps up to the first that met its tolerance.
-    useful = torch.where(claimed, reached.to(torch.int64).argmax(dim=1) + 1, k)
+    useful = torch.minimum(_first(reached, k) + 1, _first(degenerate, k))
     keep = torch.arange(k, device=device)[None, :] < useful[:, None]
     upper = torch.where(keep[:, :, None] & keep[:, None, :], upper, torch.eye(k, dtype=dtype, device=device))
     g = torch.where(keep, g, torch.zeros_like(g))
     y = torch.linalg.solve_triangular(upper, g.unsqueeze(2), upper=True)
     update = torch.bmm(y.transpose(1, 2), basis[:k].transpose(0, 1)).squeeze(1)
-    return update, k, claimed
+    return update, k, invariant
+
+
+def _first(flags: torch.Tensor, default: int) -> torch.Tensor:
+    """Per row, the index of the first ``True`` (``default`` when there is none)."""
+    return torch.where(flags.any(dim=1), flags.to(torch.int64).argmax(dim=1), default)
 
 
 _FIXES = {
