@@ -9,9 +9,10 @@ import torch
 
 from ._diagnostics import SolveInfo, check_on_failure, report
 from ._forward import call_solver
-from ._functions import ImplicitSolve, _wrapped
+from ._functions import ImplicitSolve, host_readable
 from ._problem import Problem
 from ._tree import is_float_tensor, tree_flatten
+from ._validation import check_positive_number
 from .linalg import CG, GMRES
 from .linalg._base import LinearSolver
 
@@ -318,8 +319,8 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
             "(or ig.BiCGStab(), or ig.Exact() for small problems).",
             "ignore" if on_failure == "ignore" else "warn",
         )
-    if forward_tol is not None and not forward_tol > 0:
-        raise ValueError(f"forward_tol must be positive, got {forward_tol!r}.")
+    if forward_tol is not None:
+        check_positive_number("forward_tol", forward_tol)
 
     x_leaves, x_spec = tree_flatten(x0)
     p_leaves, p_spec = tree_flatten(tuple(params))
@@ -333,6 +334,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
                 "Pass integer data through params instead."
             )
     p_tensors = [t for t in p_leaves if isinstance(t, torch.Tensor)]
+    _check_complex(x_leaves, p_leaves)
     _check_inputs(x_tensors, p_tensors)
 
     info = SolveInfo()
@@ -375,15 +377,40 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) 
             "would be computed in mixed precision. Cast every floating tensor to one dtype "
             "(e.g. .to(torch.float64))."
         )
-    devices = sorted({str(t.device) for t in x_tensors + p_tensors if t.dim() > 0})
+    # 0-d tensors too: a scalar hyperparameter on another device is as wrong as a vector.
+    devices = sorted({str(t.device) for t in x_tensors + p_tensors})
     if len(devices) > 1:
         raise ValueError(
             f"x0 and params live on different devices {devices}. Move them to one device "
-            "(e.g. .to('cuda'))."
+            "(e.g. .to('cuda')), 0-d tensors included."
+        )
+    if devices == ["meta"]:
+        raise ValueError(
+            "x0 and params are meta tensors: they have shapes but no values, so the inner "
+            "problem cannot be solved nor its residual measured. Create them on a real device "
+            "(e.g. torch.zeros(..., device='cpu'), or module.to_empty(device='cpu') followed "
+            "by an initialisation)."
         )
     for t in p_tensors:
-        if is_float_tensor(t) and not _wrapped([t]) and not bool(torch.isfinite(t).all()):
+        if is_float_tensor(t) and host_readable(t) and not bool(torch.isfinite(t).all()):
             raise ValueError(
                 f"a parameter of shape {tuple(t.shape)} contains NaN/Inf; the inner problem "
                 "and its gradient are undefined. Check the hyperparameters and data."
             )
+
+
+def _check_complex(x_leaves: List[Any], p_leaves: List[Any]) -> None:
+    """Complex variables and parameters are refused up front.
+
+    The rules assume real ``x`` and ``θ`` (a Hessian, ``Aᵀu = v`` with the real transpose);
+    for complex tensors the right rules are the Hermitian ones, which are not implemented.
+    """
+    for what, leaves in (("x0", x_leaves), ("params", p_leaves)):
+        for i, t in enumerate(leaves):
+            if isinstance(t, torch.Tensor) and t.is_complex():
+                raise TypeError(
+                    f"{what} has a complex leaf (leaf {i}, dtype {t.dtype}, shape "
+                    f"{tuple(t.shape)}); implicit differentiation here is for real tensors. "
+                    "Split it into real and imaginary parts (torch.view_as_real(t), and "
+                    "torch.view_as_complex inside the function) and pass those instead."
+                )

@@ -18,21 +18,78 @@ Rules, with ``A = ∂ₓF(x*, θ)`` and ``B = ∂_θF(x*, θ)``:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
 from ._diagnostics import report
 from ._forward import run_forward
 from ._problem import Problem
+from .linalg._base import (
+    PytreeLayout,
+    nonfinite_systems,
+    poison,
+    product_precision,
+    propagate_nonfinite,
+)
 
 __all__ = ["ImplicitSolve", "LinearSolve"]
+
+#: Dtypes whose linear solves run in float32: their reductions lose too much precision.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _wrapped(tensors: Sequence) -> bool:
     return any(isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _legacy(t) -> bool:
+    """A tensor batched by the vmap of ``torch.autograd`` (``is_grads_batched``,
+    ``jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``)."""
+    return isinstance(t, torch.Tensor) and is_legacy_batchedtensor(t)
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host (``bool()``, ``float()``): not a
+    batched or otherwise wrapped tensor, not a meta tensor."""
+    return not (is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t) or t.is_meta)
+
+
+def _legacy_level() -> int:
+    """The nesting level of ``torch.autograd``'s vmap that batched the current tensors."""
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    return level - 1
+
+
+def _per_slice(rule: Callable) -> Callable:
+    """Run an autograd rule once per slice of tensors batched by ``torch.autograd``'s vmap.
+
+    That vmap has no rule for the host reads a linear solve makes (its stopping tests), so
+    the batched cotangents or tangents are split into plain tensors, the rule runs on each,
+    and the results are batched again.
+    """
+
+    @functools.wraps(rule)
+    def wrapper(ctx, *args):
+        if not any(_legacy(a) for a in args):
+            return rule(ctx, *args)
+        level = _legacy_level()
+        physical = [torch._remove_batch_dim(a, level, 1, 0) if _legacy(a) else a for a in args]
+        size = next(t.shape[0] for t, a in zip(physical, args) if _legacy(a))
+        results = [
+            rule(ctx, *[t[i] if _legacy(a) else a for t, a in zip(physical, args)])
+            for i in range(size)
+        ]
+        return tuple(
+            None if column[0] is None else torch._add_batch_dim(torch.stack(column), 0, level)
+            for column in zip(*results)
+        )
+
+    return wrapper
 
 
 def _differentiable(*groups) -> bool:
@@ -58,12 +115,27 @@ def _move_batch(args: Sequence, in_dims: Sequence, size: int) -> List[torch.Tens
 
 
 def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
-    """Run the problem's linear solver on ``A`` or ``Aᵀ`` and report its outcome."""
+    """Run the problem's linear solver on ``A`` or ``Aᵀ`` and report its outcome.
+
+    float16 / bfloat16 systems are solved in float32 (the products stay in the problem's
+    dtype; the solver's vectors and reductions, whose sums of many rounded terms would
+    stall or overflow, do not), for every solver alike. A solve that met non-finite
+    values returns NaN for the systems concerned, never a finite guess.
+    """
     op = lin.rmatvec if transpose else lin.matvec
-    spec = problem.x_spec if problem.batch_ndim == 0 and len(problem.x_index) == len(
-        problem.x_template
-    ) else None
-    solution, info = problem.linear_solver.solve(op, b, batch_ndim=problem.batch_ndim, spec=spec)
+    dtype = b[0].dtype
+    layout = PytreeLayout(problem.x_spec, problem.x_template, problem.batch_ndim)
+    n = problem.batch_ndim
+    if dtype in LOW_PRECISION:
+        low_op = op
+
+        def op(v):  # noqa: F811 - the same product, computed in the problem's dtype
+            return [o.float() for o in low_op([t.to(dtype) for t in v])]
+
+        b = [t.float() for t in b]
+    with product_precision(dtype):
+        solution, info = problem.linear_solver.solve(op, b, batch_ndim=n, spec=layout)
+    solution = [t.to(dtype) for t in propagate_nonfinite(op, b, solution, info, n)]
     problem.record(info)
     worse_than_zero = info.residual > 1
     if not info.converged or worse_than_zero:
@@ -90,7 +162,10 @@ def vjp(problem: Problem, x, p, v, p_needs) -> List:
     """``−(∂_θF)ᵀ (∂ₓF)⁻ᵀ v`` for the parameters in ``p_needs``."""
     if not any(p_needs):
         return [None] * len(p)
-    if not all(bool(torch.isfinite(t).all()) for t in v if not _wrapped([t])):
+    # At a non-finite solution the derivative is undefined: NaN, whatever the products give.
+    bad_x = nonfinite_systems(None, x, None, problem.batch_ndim)
+    v = poison(list(v), bad_x, problem.batch_ndim)
+    if not all(bool(torch.isfinite(t).all()) for t in v if host_readable(t)):
         report(
             "implicit differentiation: the incoming gradient with respect to x* contains "
             "NaN/Inf; the hypergradient will be non-finite. Check the outer loss.",
@@ -126,6 +201,7 @@ class ImplicitSolve(torch.autograd.Function):
         ctx.save_for_forward(*output, *p)
 
     @staticmethod
+    @_per_slice
     def backward(ctx, *v):
         nx = ctx.nx
         saved = ctx.saved_tensors
@@ -135,6 +211,7 @@ class ImplicitSolve(torch.autograd.Function):
         return (None, None) + (None,) * nx + tuple(grads)
 
     @staticmethod
+    @_per_slice
     def jvp(ctx, _problem, _nx, *tangents):
         nx, problem = ctx.nx, ctx.problem
         saved = ctx.saved_tensors
@@ -182,6 +259,7 @@ class LinearSolve(torch.autograd.Function):
         ctx.save_for_forward(*x, *p, *output)
 
     @staticmethod
+    @_per_slice
     def backward(ctx, *z_bar):
         problem, transpose, nx = ctx.problem, ctx.transpose, ctx.nx
         x, p, z = _split(ctx.saved_tensors, nx)
@@ -197,6 +275,7 @@ class LinearSolve(torch.autograd.Function):
         return (None, None, None, *gx, *gp, *w)
 
     @staticmethod
+    @_per_slice
     def jvp(ctx, _problem, _transpose, _nx, *tangents):
         problem, transpose, nx = ctx.problem, ctx.transpose, ctx.nx
         x, p, z = _split(ctx.saved_tensors, nx)

@@ -108,6 +108,12 @@ class Problem:
                 f"objective must return a scalar Tensor, got {shape}. Reduce it (e.g. .sum() "
                 "or .mean()); for a system of equations use ig.root_solve(residual, ...)."
             )
+        if not value.is_floating_point():
+            raise ValueError(
+                f"The objective does not depend on x: it returned a tensor of dtype {value.dtype}, "
+                "which has no gradient in x. Return a floating-point scalar computed "
+                "differentiably from the x it receives (no .item(), .detach() or integer casts)."
+            )
         return value.reshape(())
 
     def residual_norm(
@@ -125,10 +131,13 @@ class Problem:
             ps = [t.detach() for t in p]
             if self.kind == "objective":
                 value = self.objective_value(xs, ps)
+                self._check_depends_on_x([value])
                 roots = [value]
                 cond = list(torch.autograd.grad(value, xs, allow_unused=True, materialize_grads=True))
             else:
                 cond = self.condition_from_output(self.call(xs, ps), xs)
+                if self.kind == "residual":
+                    self._check_depends_on_x(cond)
                 roots = cond
             if check_captured:
                 self._check_captured(roots, xs)
@@ -136,6 +145,20 @@ class Problem:
             n = self.batch_ndim
             squares = sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in cond)
             return torch.sqrt(cast(torch.Tensor, squares))
+
+    def _check_depends_on_x(self, outputs: Sequence[torch.Tensor]) -> None:
+        """The condition must be a differentiable function of x, or ``A`` is zero."""
+        if any(o.requires_grad for o in outputs):
+            return
+        what = "value" if self.kind == "objective" else "output"
+        raise ValueError(
+            f"The {self.kind} does not depend on x: its {what} has no gradient path to x, so "
+            "the optimality condition cannot determine x* and there is nothing to "
+            "differentiate (a constant, or x used only through .detach(), .item(), .numpy() "
+            "or integer / boolean operations). Write the "
+            f"{self.kind} as a differentiable floating-point function of x, computed from the "
+            "x it receives."
+        )
 
     def _check_captured(self, roots: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> None:
         """Warn when the function reaches tensors that require grad but are not params."""

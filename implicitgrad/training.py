@@ -5,17 +5,27 @@ object (model, optimizer, scheduler...), the global random states (torch CPU and
 numpy, Python ``random``), named generators, the number of completed steps and a history
 of metrics. Everything is stored as tensors and plain Python values, so
 ``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects.
+
+Every checkpoint also stores a digest of its content, so a damaged file (truncated, empty,
+bit-flipped) is recognised on loading, with an error that names the file, instead of
+loading wrong numbers. :func:`run_training` keeps the last two checkpoints
+(``path`` and ``path.prev``) and resumes from the previous one, with a warning, when the
+latest is damaged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import numbers
 import os
+import pickle
 import random
+import secrets
+import shutil
 import sys
-import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -26,8 +36,10 @@ import torch
 from ._diagnostics import user_stacklevel
 
 __all__ = [
+    "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
+    "previous_path",
     "restore_rng_state",
     "run_training",
     "save_checkpoint",
@@ -36,6 +48,84 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 CHECKPOINT_FORMAT = "implicitgrad.training/1"
 _NDARRAY = "__ndarray__"
+#: Key of the content digest stored in every checkpoint (removed again on loading).
+_DIGEST = "__implicitgrad_digest__"
+#: What a damaged file raises inside ``torch.load``.
+_LOAD_ERRORS = (
+    RuntimeError, EOFError, OSError, UnicodeDecodeError, pickle.UnpicklingError, ValueError,
+    KeyError, IndexError, TypeError, AttributeError, zipfile.BadZipFile,
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: damaged, or not a checkpoint dictionary.
+
+    Attributes:
+        damaged: whether the file is damaged (truncated, empty, corrupted), as opposed to
+            a readable file that is not a checkpoint.
+    """
+
+    def __init__(self, message: str, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
+
+
+def previous_path(path: PathLike) -> Path:
+    """Where the checkpoint before the latest one is kept: ``path`` + ``".prev"``."""
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def _keep_previous(path: Path) -> None:
+    """Makes ``path.prev`` a copy of the checkpoint at ``path`` (a hard link where the file
+    system allows), so that the last two checkpoints survive the next save."""
+    if not path.is_file():
+        return
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        try:
+            os.link(path, temporary)
+        except OSError:
+            shutil.copy2(path, temporary)
+        os.replace(temporary, previous_path(path))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Deletes temporary files that saves to ``path`` killed mid-write left behind."""
+    with contextlib.suppress(OSError):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _digest(value: Any) -> str:
+    """A hash of the content: tensors by dtype, shape and bytes, plain values by type and repr."""
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        t = t.to_dense() if t.layout != torch.strided else t
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
@@ -44,7 +134,10 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     The bytes go to a temporary file in the destination folder, are flushed and fsynced,
     and the file then replaces ``path`` with :func:`os.replace`. A crash or an exception
     at any point leaves either the previous checkpoint or the new one, never a truncated
-    file. Missing parent folders are created.
+    file; temporary files left by saves that were killed are removed. Missing parent
+    folders are created. The file's mode follows the umask, as for :func:`torch.save`
+    (``0o644`` under umask ``022``). A digest of the content is stored with it, so that
+    :func:`load_checkpoint` recognises a damaged file.
 
     Args:
         path: Destination file.
@@ -64,12 +157,15 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-    )
+    _remove_stale_temporaries(path)
+    payload = dict(state)
+    payload[_DIGEST] = _digest(dict(state))
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # 0o666 before the umask, as open() and torch.save give (mkstemp would give 0o600).
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "wb") as file:
-            torch.save(dict(state), file)
+            torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -100,6 +196,9 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
+        CheckpointError: If the file is damaged (truncated, empty, or its content differs
+            from the digest saved with it), or holds something other than a dictionary
+            (e.g. a tensor or a list saved with :func:`torch.save`).
 
     Example:
         >>> from implicitgrad.training import load_checkpoint
@@ -107,7 +206,30 @@ def load_checkpoint(
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}.")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    name = os.fspath(path)
+    try:
+        loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except _LOAD_ERRORS as error:
+        raise CheckpointError(
+            f"the checkpoint {name!r} is damaged (truncated, empty or corrupted) and cannot be "
+            f"read: {type(error).__name__}: {error}. Resume from an earlier copy "
+            f"(run_training keeps the previous one as {os.fspath(previous_path(path))!r}).",
+            damaged=True,
+        ) from error
+    if not isinstance(loaded, dict):
+        raise CheckpointError(
+            f"{name!r} holds a {type(loaded).__name__}, not a checkpoint: save_checkpoint and "
+            "run_training write a dictionary. Point to a checkpoint file they wrote."
+        )
+    digest = loaded.pop(_DIGEST, None)
+    if digest is not None and digest != _digest(loaded):
+        raise CheckpointError(
+            f"the checkpoint {name!r} is damaged: its content does not match the digest saved "
+            f"with it (bits changed on disk or in transfer). Resume from an earlier copy "
+            f"(run_training keeps the previous one as {os.fspath(previous_path(path))!r}).",
+            damaged=True,
+        )
+    return loaded
 
 
 def _encode(value: Any) -> Any:
@@ -405,13 +527,12 @@ def run_training(
     last_saved: int | None = None
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path to resume from.")
-    if resume and Path(checkpoint_path).is_file():
-        checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{os.fspath(checkpoint_path)!r} was not written by run_training; point "
-                f"checkpoint_path to a run_training checkpoint or pass resume=False."
-            )
+    checkpoint = None
+    if checkpoint_path is not None:
+        _remove_stale_temporaries(Path(checkpoint_path))
+        if resume:
+            checkpoint = _load_for_resume(checkpoint_path)
+    if checkpoint is not None:
         saved = checkpoint["state"]
         if set(saved) != set(state_objects):
             raise ValueError(
@@ -432,6 +553,7 @@ def run_training(
 
     def save(completed: int) -> None:
         _check_plain(history, "history")
+        _keep_previous(Path(checkpoint_path))
         save_checkpoint(
             checkpoint_path,
             {
@@ -472,3 +594,62 @@ def run_training(
         if bar is not None:
             bar.close()
     return history
+
+
+_RUN_KEYS = ("format", "step", "state", "rng", "history")
+
+
+def _load_for_resume(path: PathLike) -> dict[str, Any] | None:
+    """The newest usable run_training checkpoint among ``path`` and ``path.prev``.
+
+    A damaged file is reported with a warning naming it and the previous checkpoint is
+    tried; ``None`` when neither file exists.
+
+    Raises:
+        CheckpointError: both files are damaged, or a file is readable but holds no
+            checkpoint dictionary.
+        ValueError: a dictionary that run_training did not write.
+    """
+    damaged = []
+    for candidate in (Path(path), previous_path(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            checkpoint = load_checkpoint(candidate, map_location="cpu")
+        except CheckpointError as error:
+            if not error.damaged:
+                raise
+            damaged.append(os.fspath(candidate))
+            warnings.warn(
+                f"{error} Trying the previous checkpoint instead.", stacklevel=user_stacklevel()
+            )
+            continue
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{os.fspath(candidate)!r} was not written by run_training; point "
+                f"checkpoint_path to a run_training checkpoint or pass resume=False."
+            )
+        missing = [key for key in _RUN_KEYS if key not in checkpoint]
+        if missing:
+            damaged.append(os.fspath(candidate))
+            warnings.warn(
+                f"the checkpoint {os.fspath(candidate)!r} is damaged: it lacks {missing}. "
+                "Trying the previous checkpoint instead.",
+                stacklevel=user_stacklevel(),
+            )
+            continue
+        if candidate != Path(path):
+            warnings.warn(
+                f"resuming from the previous checkpoint {os.fspath(candidate)!r} (step "
+                f"{int(checkpoint['step'])}); the steps since are run again.",
+                stacklevel=user_stacklevel(),
+            )
+        return checkpoint
+    if damaged:
+        raise CheckpointError(
+            f"every checkpoint of this run is damaged ({', '.join(map(repr, damaged))}); "
+            "there is nothing to resume from. Delete them and start again, or pass "
+            "resume=False.",
+            damaged=True,
+        )
+    return None

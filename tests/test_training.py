@@ -135,7 +135,8 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(tmp_path, reference):
     assert all(isinstance(v, float) for v in checkpoint["history"]["loss"])
     assert set(checkpoint["rng"]) == {"torch", "cuda", "numpy", "python", "generators"}
     assert set(checkpoint["rng"]["generators"]) == {"torch", "numpy", "python"}
-    assert os.listdir(tmp_path) == ["reference.pt"]
+    # The last two checkpoints are kept (the latest and the one before); no temporary files.
+    assert sorted(os.listdir(tmp_path)) == ["reference.pt", "reference.pt.prev"]
 
 
 def test_checkpoint_schedule(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from ._base import (
     norm,
     safe_div,
     select,
+    working_dtype,
 )
 
 #: A residual above this multiple of the best one met so far stops CG as diverging.
@@ -55,10 +56,17 @@ class CG(SymmetricIterativeSolver):
     iterate can be worse than the initial guess. CG therefore returns, per system, the
     iterate of lowest residual it met — the initial guess included (``x = 0``, relative
     residual 1, without ``x0``) — and reports that iterate's residual. It stops a system
-    early in two cases, returning that best iterate:
+    early in three cases, returning that best iterate:
 
-    * ``"negative_curvature"``: a search direction with ``pᵀ A p ≤ 0`` (the Hessian is not
-      positive definite at ``x``); the step along it is not taken.
+    * ``"negative_curvature"``: a search direction with ``pᵀ A p ≤ 0`` that proves ``A``
+      indefinite — ``pᵀAp`` clearly negative, or ``pᵀAp ≈ 0`` with ``Ap`` far from 0,
+      impossible for a positive semidefinite matrix (the Hessian is not positive
+      semidefinite at ``x``); the step along it is not taken.
+    * ``"singular"``: a search direction with ``pᵀ A p ≤ 0`` and ``A p ≈ 0`` (below
+      rounding relative to ``‖A‖ ‖p‖``): a null vector of a singular matrix, met because
+      ``b`` is not in the range of ``A``. One more product tells the two apart. A null
+      direction of tiny positive curvature makes a giant step instead; checked in that
+      iteration (``check_every=1``), it is reported as ``"singular"`` too.
     * ``"diverging"``: the residual grew above ``1e2`` times the best residual met so far.
       On a positive definite ``A`` the ``A``-norm of the error never increases, so the
       residual can exceed its best by at most :math:`\sqrt{\kappa}`: the rule never fires
@@ -110,6 +118,7 @@ class CG(SymmetricIterativeSolver):
         best_x, best_res = list(x), r_norm
         negative = torch.zeros_like(r_norm, dtype=torch.bool)
         diverging = torch.zeros_like(negative)
+        curvature = _Curvature(r_norm)
         status = None
         iterations = 0
         for k in range(1, self.maxiter + 1):
@@ -121,6 +130,7 @@ class CG(SymmetricIterativeSolver):
             active = (r_norm > threshold) & ~negative & ~diverging
             ap = op(p)
             pap = dot(p, ap, batch_ndim)
+            curvature.step(k, pap, r_norm.square(), active & ~negative & (pap <= 0))
             negative = negative | (active & (pap <= 0))
             alpha = torch.where(active & ~negative, safe_div(rz, pap), torch.zeros_like(rz))
             x = axpy(alpha, p, x)
@@ -144,11 +154,14 @@ class CG(SymmetricIterativeSolver):
             rz_new = dot(r, z, batch_ndim)
             beta = safe_div(rz_new, rz)
             p = axpy(beta, p, z)
+            curvature.p_index = k + 1
             rz = rz_new
         if status is None:
             any_negative, any_diverging = torch.stack([negative.any(), diverging.any()]).tolist()
             if any_negative:
-                status = "negative_curvature"
+                singular, products = curvature.classify(op, p, z, batch_ndim)
+                iterations += products
+                status = "singular" if bool((singular | ~negative).all()) else "negative_curvature"
             elif any_diverging:
                 status = "diverging"
         info = self._finish(iterations, safe_div(best_res, b_norm), tol, status, _FIXES)
@@ -175,6 +188,7 @@ class CG(SymmetricIterativeSolver):
         growth2 = DIVERGENCE_FACTOR**2
         healthy = torch.ones((), dtype=torch.bool, device=rr.device)
         zero = torch.zeros((), dtype=rr.dtype, device=rr.device)
+        curvature = _Curvature(rr)
         status, iterations = None, 0
         for k in range(1, self.maxiter + 1):
             if k == 1 and bool(rr <= threshold2):
@@ -183,6 +197,7 @@ class CG(SymmetricIterativeSolver):
             pap = _flat_dot(p, ap)
             # No step along a direction of non-positive curvature, nor after divergence:
             # x keeps its iterate.
+            curvature.step(k, pap, rr, healthy & (pap <= 0))
             healthy = healthy & (pap > 0)
             alpha = torch.where(healthy, rz / pap, zero)
             x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
@@ -205,15 +220,68 @@ class CG(SymmetricIterativeSolver):
                     status = "nonfinite"
                     break
                 if stopped:
-                    diverged = bool(rr > growth2 * best_rr)
-                    status = "diverging" if diverged else "negative_curvature"
+                    if bool(rr > growth2 * best_rr):
+                        # A giant step along a direction of tiny positive curvature; checked
+                        # in the iteration it happened, that direction is still at hand.
+                        null = every == 1 and bool(curvature.classify(op, p, z, 0, ap=ap, current=True)[0])
+                        status = "singular" if null else "diverging"
+                    else:
+                        singular, products = curvature.classify(op, p, z, 0, ap=ap)
+                        iterations += products
+                        status = "singular" if bool(singular) else "negative_curvature"
                     break
                 if done:
                     break
             p = [torch.addcmul(zi, rz_new / rz, pi) for zi, pi in zip(z, p)]
+            curvature.p_index = k + 1
             rz = rz_new
         rel = safe_div(best_rr.clamp_min(0).sqrt(), b_norm)
         return best_x, self._finish(iterations, rel, tol, status, _FIXES)
+
+
+class _Curvature:
+    """Tells a singular matrix from an indefinite one when CG meets ``pᵀAp ≤ 0``.
+
+    For positive semidefinite ``A``, ``‖Ap‖² ≤ ‖A‖ pᵀAp``: a direction of zero curvature
+    is a null vector, ``Ap = 0``. So a direction with ``pᵀAp`` clearly below zero, or
+    with ``pᵀAp ≈ 0`` but ``Ap`` far from zero, proves ``A`` indefinite
+    (``"negative_curvature"``); one with ``‖Ap‖ ≈ 0`` relative to ``‖A‖ ‖p‖`` is a
+    numerical null vector: ``A`` is singular (``"singular"``). ``‖A‖`` is estimated from
+    below by the largest ``pᵀAp / ‖r‖²`` met (two scalar operations per iteration).
+
+    The direction itself is not kept: after the stop, ``x``, ``r`` and ``z`` are frozen
+    and ``β = 1``, so ``p`` has moved by ``z`` per iteration since and is recovered as
+    ``p_j = p − (index − j) z``; one more product gives ``A p_j``.
+    """
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.peak = torch.zeros_like(like)
+        self.flip = torch.zeros_like(like)
+        self.p_index = 1
+        self.eps = torch.finfo(working_dtype(like.dtype)).eps
+
+    def step(self, k: int, pap: torch.Tensor, rr: torch.Tensor, stops: torch.Tensor) -> None:
+        self.peak = torch.maximum(self.peak, safe_div(pap, rr))
+        self.flip = torch.where(stops, float(k), self.flip)
+        self.p_index = k
+
+    def classify(
+        self, op: Matvec, p: Vector, z: Vector, batch_ndim: int, ap: Optional[Vector] = None,
+        current: bool = False,
+    ):
+        """Per system: whether the direction that stopped CG (``p`` itself if ``current``)
+        is a null vector; and the number of products spent."""
+        lag = torch.zeros_like(self.flip) if current else float(self.p_index) - self.flip
+        products = 0
+        if ap is None or bool((lag != 0).any()):
+            p = axpy(-lag, z, p)
+            ap, products = op(p), 1
+        pp, pap, apap = dot(p, p, batch_ndim), dot(p, ap, batch_ndim), dot(ap, ap, batch_ndim)
+        scale = torch.maximum(self.peak, safe_div(apap, pp).sqrt())
+        delta = 32 * self.eps
+        clearly_negative = pap < -delta * scale * pp
+        annihilated = apap <= delta * scale.square() * pp
+        return annihilated & ~clearly_negative, products
 
 
 def _flat_dot(a: Vector, b: Vector) -> torch.Tensor:
@@ -239,10 +307,19 @@ _FIXES = {
         "indefinite matrix use MINRES; otherwise add damping (e.g. CG(damping=1e-3)) or "
         "solve the inner problem further (a more converged x)."
     ),
+    "singular": (
+        "CG met a direction p with A p ≈ 0 (zero curvature, pᵀAp ≈ 0, below rounding relative "
+        "to ‖A‖): the matrix is singular, and the right-hand side has a component in its null "
+        "space, so the system has no solution (or no unique one). CG returned its best "
+        "iterate, relative residual {res:.2e} (tol={tol:.1e}). The inner problem does not "
+        "determine x* uniquely (e.g. a flat direction of the objective): add regularisation "
+        "to it (e.g. an L2 term), or damping (e.g. CG(damping=1e-3)) for the gradient of a "
+        "regularised problem; ig.Exact gives the minimum-norm solution."
+    ),
     "diverging": (
         "CG diverged: the residual grew above 1e2 × the best one met, and CG returned its "
         "best iterate, relative residual {res:.2e} (tol={tol:.1e}). The matrix is "
-        "indefinite or very badly conditioned: for a symmetric indefinite matrix use "
+        "indefinite, singular or very badly conditioned: for a symmetric indefinite matrix use "
         "MINRES; otherwise add damping (e.g. CG(damping=1e-3)), pass a preconditioner, or "
         "solve the inner problem further (a more converged x)."
     ),

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._diagnostics import LinearSolveInfo
+from .._validation import check_positive_number
 from ._base import (
     NONFINITE_FIX,
     IterativeSolver,
@@ -62,10 +63,9 @@ class Neumann(IterativeSolver):
         tol: Optional[float] = None,
         check_every: Optional[int] = None,
     ) -> None:
-        if not alpha > 0:
-            raise ValueError(f"Neumann: alpha must be positive, got {alpha!r}.")
+        alpha = check_positive_number("alpha", alpha, "Neumann")
         super().__init__(maxiter, tol, check_every)
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
     def __repr__(self) -> str:
         return f"Neumann(maxiter={self.maxiter}, alpha={self.alpha}, tol={self.tol})"

@@ -7,6 +7,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union, cast
 
 import torch
 
+from .. import _validation as validation
 from .._tree import tree_flatten, tree_unflatten
 
 
@@ -126,18 +127,18 @@ def relative_threshold(tol: float, initial: Union[torch.Tensor, float]) -> float
 
 
 def check_tol(owner: str, tol: Optional[float], allow_zero: bool = True) -> None:
-    ok = isinstance(tol, (int, float)) and not isinstance(tol, bool) and (tol >= 0 if allow_zero else tol > 0)
-    if tol is not None and not ok:
-        need = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{owner}: tol must be a {need} number or None (dtype default), got {tol!r}.")
+    """An inner tolerance: ``None`` (dtype default) or a finite number in ``[0, 1)``
+    (``(0, 1)`` without ``allow_zero``); see :mod:`implicitgrad._validation`."""
+    if tol is not None:
+        validation.check_tol("tol", tol, owner, allow_zero=allow_zero)
 
 
 def check_positive(name: str, owner: str, value, integer: bool = False) -> None:
+    """A count ``≥ 1`` (``integer=True``) or a finite number ``> 0``."""
     if integer:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}.")
-    elif not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}.")
+        validation.check_count(name, value, owner)
+    else:
+        validation.check_positive_number(name, value, owner)
 
 
 def default_tol(dtype: torch.dtype) -> float:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from .._tree import tree_flatten
+from .._validation import check_fraction
 from ..linalg._base import check_interval, norm, select
 from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x
 
@@ -48,9 +49,10 @@ class FixedPointIteration(InnerSolver):
         check_every: Optional[int] = None,
     ) -> None:
         check_positive("maxiter", "FixedPointIteration", maxiter, integer=True)
-        if not (isinstance(damping, (int, float)) and 0 < damping <= 1):
-            raise ValueError(f"FixedPointIteration: damping must be in (0, 1], got {damping!r}.")
+        check_fraction("damping", damping, "FixedPointIteration")
         check_tol("FixedPointIteration", tol)
+        if check_every is not None:
+            check_positive("check_every", "FixedPointIteration", check_every, integer=True)
         self.maxiter, self.tol, self.damping, self.check_every = maxiter, tol, damping, check_every
 
     def __repr__(self) -> str:

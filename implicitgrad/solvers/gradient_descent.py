@@ -59,6 +59,8 @@ class GradientDescent(InnerSolver):
         check_positive("lr", "GradientDescent", lr)
         check_positive("maxiter", "GradientDescent", maxiter, integer=True)
         check_tol("GradientDescent", tol)
+        if check_every is not None:
+            check_positive("check_every", "GradientDescent", check_every, integer=True)
         self.lr, self.maxiter, self.tol, self.check_every = lr, maxiter, tol, check_every
 
     def __repr__(self) -> str:

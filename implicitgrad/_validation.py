@@ -1,0 +1,113 @@
+"""Checks of numeric settings, shared by every solver, the core, the layers and meta-learners.
+
+Each check raises :class:`SettingError` — both a ``ValueError`` and a ``TypeError``, so
+either ``except`` catches it — for a value of the wrong kind (a string, a bool, a float
+where a count is meant) or out of range, naming the owner, the argument, the value and
+what is accepted. Accepted values:
+
+=================  =========================================================
+setting            accepted
+=================  =========================================================
+counts             ``int`` ≥ 1 (``maxiter``, ``restart``, ``check_every``, ...);
+                   not ``bool``, ``str`` nor ``float`` (``2.5`` or ``10.0``)
+linear ``tol``     a finite number in ``(0, 1)``: the relative residual
+                   ``‖Ax − b‖ / ‖b‖`` to reach; ``x = 0`` already has 1
+inner ``tol``      a finite number in ``[0, 1)``, relative to
+                   ``max(1, ‖condition at x0‖)``; 0 runs ``maxiter`` steps
+step sizes         finite and > 0 (``lr``, ``alpha``)
+``damping``        finite and ≥ 0 (a shift of the linear system)
+``forward_tol``    finite and > 0
+=================  =========================================================
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+__all__ = [
+    "SettingError",
+    "check_count",
+    "check_fraction",
+    "check_nonnegative",
+    "check_positive_number",
+    "check_tol",
+]
+
+
+class SettingError(ValueError, TypeError):
+    """A solver or layer setting of the wrong kind or out of range."""
+
+
+def _prefix(owner: Optional[str]) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def _real(name: str, value: Any, owner: Optional[str]) -> float:
+    """``value`` as a float if it is a real Python or numpy number (not a bool), else ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingError(
+            f"{_prefix(owner)}{name} must be a real number, got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise SettingError(f"{_prefix(owner)}{name} must be finite, got {value!r}.")
+    return value
+
+
+def check_count(name: str, value: Any, owner: Optional[str] = None, minimum: int = 1) -> int:
+    """An integer setting ``≥ minimum`` (``maxiter``, ``restart``, ``check_every``...)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SettingError(
+            f"{_prefix(owner)}{name} must be an integer ≥ {minimum}, got {value!r} of type "
+            f"{type(value).__name__}. Pass e.g. {name}={max(minimum, 10)}."
+        )
+    if value < minimum:
+        raise SettingError(f"{_prefix(owner)}{name} must be an integer ≥ {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_tol(name: str, value: Any, owner: Optional[str] = None, allow_zero: bool = False) -> float:
+    """A relative tolerance: finite, below 1, positive (or zero when ``allow_zero``).
+
+    A tolerance of 1 or more is met before the first step (by ``x = 0`` for a linear
+    solve, by ``x0`` for an inner solve), so the solver would return without solving.
+    """
+    tol = _real(name, value, owner)
+    low_ok = tol >= 0 if allow_zero else tol > 0
+    if not (low_ok and tol < 1):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        kind = "non-negative" if allow_zero else "positive"
+        raise SettingError(
+            f"{_prefix(owner)}{name} must be a {kind} number below 1, in {interval}, got {value!r}: "
+            "it is a relative "
+            f"residual, and {name} ≥ 1 is met before the first step. Use e.g. {name}=1e-6, "
+            "or None for the dtype's default."
+        )
+    return tol
+
+
+def check_positive_number(name: str, value: Any, owner: Optional[str] = None) -> float:
+    """A finite number ``> 0`` (step sizes, ``forward_tol``)."""
+    number = _real(name, value, owner)
+    if not number > 0:
+        raise SettingError(f"{_prefix(owner)}{name} must be a positive number, got {value!r}.")
+    return number
+
+
+def check_nonnegative(name: str, value: Any, owner: Optional[str] = None) -> float:
+    """A finite number ``≥ 0`` (``damping``)."""
+    number = _real(name, value, owner)
+    if not number >= 0:
+        raise SettingError(f"{_prefix(owner)}{name} must be non-negative, got {value!r}.")
+    return number
+
+
+def check_fraction(name: str, value: Any, owner: Optional[str] = None) -> float:
+    """A number in ``(0, 1]`` (a damping factor of an iteration)."""
+    number = _real(name, value, owner)
+    if not 0 < number <= 1:
+        raise SettingError(f"{_prefix(owner)}{name} must be in (0, 1], got {value!r}.")
+    return number
