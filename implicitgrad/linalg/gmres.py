@@ -189,8 +189,11 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
     # entry j): β |rows[j][0]| is the residual after j steps, and its dot with column j
     # of the Hessenberg matrix is the entry the next rotation acts on.
     rows = [torch.ones_like(beta)[:, None]]
-    columns, subdiagonal, rotations = [], [], []
+    columns, subdiagonal = [], []
+    # The checks read only active systems (a finished one may carry NaN it no longer uses).
     scale = torch.where(active, beta / limit, torch.zeros_like(beta))
+    single = float(scale) if r.shape[0] == 1 else None
+    cosines, sines = [], []
     for j in range(steps):
         w = op(basis[j]).unsqueeze(1)
         known = basis[: j + 1].transpose(0, 1)
@@ -205,27 +208,31 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
         row = rows[j]
         # The reflection [[c, s], [s, −c]] maps (row · column, ‖w‖) to (‖·‖, 0).
         diagonal = torch.linalg.vecdot(row, column).unsqueeze(1)
-        rotation = torch.cat((diagonal, w_norm), dim=1) / torch.hypot(diagonal, w_norm)
-        rows.append(torch.cat((row * rotation[:, 1:], -rotation[:, :1]), dim=1))
+        radius = torch.hypot(diagonal, w_norm)
+        cosine, sine = diagonal / radius, w_norm / radius
+        rows.append(torch.cat((row * sine, -cosine), dim=1))
         columns.append(column)
         subdiagonal.append(w_norm)
-        rotations.append(rotation)
+        cosines.append(cosine)
+        sines.append(sine)
         if (j + 1) % every == 0 and j + 1 < steps:
             # NaN fails the comparison and ends the cycle: the measured residual reports it.
-            estimate = torch.where(active, rows[j + 1][:, 0].abs() * scale, torch.zeros_like(scale))
-            if not float(estimate.max()) > 1.0:
+            if single is not None:
+                estimate = abs(float(rows[j + 1][0, 0])) * single
+            else:
+                estimate = float((rows[j + 1][:, 0].abs() * scale).max())
+            if not estimate > 1.0:
                 break
     k = len(columns)
-    rotation = torch.stack(rotations, dim=1)
-    below = torch.cat(subdiagonal, dim=1)
+    cosine, sine, below = (torch.cat(parts, dim=1) for parts in (cosines, sines, subdiagonal))
     # Row j of the product of all rotations is (c_j · rows[j], s_j) on its first j + 2
     # entries; times the Hessenberg matrix it gives the triangular factor R.
     omega = torch.zeros(r.shape[0], k, k + 1, dtype=dtype, device=device)
     hess_t = torch.zeros_like(omega)
     for j in range(k):
-        omega[:, j, : j + 1] = rows[j] * rotation[:, j, :1]
+        omega[:, j, : j + 1] = rows[j] * cosine[:, j : j + 1]
         hess_t[:, j, : j + 1] = columns[j]
-    omega.diagonal(offset=1, dim1=1, dim2=2).copy_(rotation[:, :, 1])
+    omega.diagonal(offset=1, dim1=1, dim2=2).copy_(sine)
     hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(below)
     upper = torch.bmm(omega, hess_t.transpose(1, 2))
     g = beta[:, None] * omega[:, :, 0]
