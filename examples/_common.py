@@ -1,9 +1,9 @@
 """Shared plumbing of the example scripts: command line, seeding, device, progress, outputs.
 
 Every script in ``examples/`` follows one contract: it runs from the repository root, accepts
-``--quick`` (a small run that still shows the effect), ``--json PATH`` (final metrics),
-``--seed``, ``--device cpu|cuda`` and ``--out DIR`` (where figures go, default
-``runs/<script name>/``), shows progress with tqdm and saves a PNG figure. ``--threads N``
+``--quick`` (a small run that still shows the effect; its help says how long it takes),
+``--json PATH`` (final metrics), ``--seed``, ``--device cpu|cuda`` and ``--out DIR`` (where
+figures go, default ``runs/<script name>/``), shows progress with tqdm and saves a PNG figure. ``--threads N``
 sets PyTorch's CPU threads. A script uses this module as follows::
 
     from _common import example_parser, parse_args, progress, pyplot, save_figure, write_json
@@ -61,13 +61,15 @@ __all__ = [
 ]
 
 
-def example_parser(script: str, description: str) -> argparse.ArgumentParser:
+def example_parser(script: str, description: str, quick_time: Optional[str] = None) -> argparse.ArgumentParser:
     """An argument parser with the options every example accepts.
 
     Args:
         script: the script's ``__file__``; its stem names the default output directory
             ``runs/<stem>/``.
         description: one or two sentences on what the example shows (printed by ``--help``).
+        quick_time: how long ``--quick`` takes, as measured (e.g. ``"about 30 s on one CPU core"``);
+            shown in the help of ``--quick``.
 
     Returns:
         A parser with ``--quick``, ``--json PATH``, ``--seed``, ``--device``, ``--out DIR`` and
@@ -78,10 +80,10 @@ def example_parser(script: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python examples/{stem}.py",
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="small run that still shows the effect (seconds, used by the tests)")
+    quick = "small run that still shows the effect, used by the tests"
+    parser.add_argument("--quick", action="store_true", help=f"{quick} ({quick_time})" if quick_time else quick)
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write the final metrics to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of Python, NumPy and PyTorch")
@@ -89,9 +91,23 @@ def example_parser(script: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default=str(Path("runs") / stem),
                         help="directory for the PNG figures")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of PyTorch (default: PyTorch's choice; small problems run "
+                        help="CPU threads of PyTorch; unset, PyTorch chooses (small problems run "
                              "fastest on 1, especially on a busy machine)")
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends \"(default: X)\" to an option's help unless the help already states its default.
+
+    Options whose default is ``None`` or ``False`` (unset, or a flag) get no suffix: their
+    help says what happens without them.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -147,7 +147,8 @@ class Tuner:
         self.optimizer = torch.optim.Adam([self.theta], lr=lr)
         self.model = zero_model(data["train"][0])
         self.history: Dict[str, List[float]] = {"val": [], "inner_iterations": [], "matvecs": [],
-                                                "cold_steps": [], "cold_iterations": []}
+                                                "inner_initial_gradient": [], "cold_steps": [],
+                                                "cold_iterations": [], "cold_initial_gradient": []}
 
     def step(self, measure_cold: bool = False) -> float:
         """One outer step; with ``measure_cold`` also count L-BFGS iterations from zero, for comparison."""
@@ -156,6 +157,7 @@ class Tuner:
                 _, cold = fit(self.theta.detach(), self.data, zero_model(self.data["train"][0]), ig.CG())
             self.history["cold_steps"].append(len(self.history["val"]))
             self.history["cold_iterations"].append(cold.forward_iterations)
+            self.history["cold_initial_gradient"].append(cold.initial_residual)
         if self.linear == "cg":
             linear_solver, on_failure = ig.CG(maxiter=2000, tol=1e-10), "warn"
         else:
@@ -169,6 +171,7 @@ class Tuner:
         self.model = {k: v.detach() for k, v in model.items()}
         self.history["val"].append(loss.item())
         self.history["inner_iterations"].append(info.forward_iterations)
+        self.history["inner_initial_gradient"].append(info.initial_residual)
         self.history["matvecs"].append(info.backward.iterations)
         return loss.item()
 
@@ -210,7 +213,9 @@ def hypergradient_errors(data, theta: torch.Tensor, budgets: Sequence[int]) -> D
 
 def plot(cg: Tuner, neumann: Tuner, errors_start, errors_end, features, out):
     plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.3))
+    # 2 × 2 panels, 11 inches wide: legible when the page shrinks the figure to its width.
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    axes = axes.ravel()
 
     ax = axes[0]
     ax.plot(cg.history["val"], label="CG (to convergence)")
@@ -225,27 +230,28 @@ def plot(cg: Tuner, neumann: Tuner, errors_start, errors_end, features, out):
                   label=f"Neumann, θ at {where}")
     ax.set(xlabel="Hessian-vector products", ylabel="relative error of the hypergradient",
            title="accuracy vs cost (reference: dense solve)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
 
     ax = axes[2]
     ax.plot(cg.history["inner_iterations"], label="warm start (previous solution)")
     ax.plot(cg.history["cold_steps"], cg.history["cold_iterations"], "o", color="k", ms=4,
             label="cold start (from 0)")
     ax.set(xlabel="outer step", ylabel="L-BFGS iterations", title="inner solve (CG run)")
-    ax.legend()
+    ax.legend(loc="upper left")
 
     ax = axes[3]
     order = np.argsort(-cg.theta.detach().cpu().numpy())
     lam = np.exp(cg.theta.detach().cpu().numpy()[order])
     ax.bar(range(len(lam)), lam, color="C0")
-    ax.set_xticks(range(len(lam)), [features[i] for i in order], rotation=90, fontsize=6)
-    ax.set(yscale="log", ylabel="λ_j", title="learned penalties (CG run)")
+    ax.set_xticks(range(len(lam)), [features[i] for i in order], rotation=90, fontsize=7)
+    ax.set(yscale="log", ylabel=r"$\lambda_j$", title=r"learned penalties $\lambda_j$ (CG run)")
     fig.tight_layout()
     return save_figure(fig, out, "hpo_logreg_l2.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    parser = example_parser(__file__, "Learn per-feature L2 penalties of a logistic regression; CG vs Neumann.")
+    parser = example_parser(__file__, "Learn per-feature L2 penalties of a logistic regression; CG vs Neumann.",
+                            quick_time="about 35 s on one CPU core")
     parser.add_argument("--steps", type=int, default=None, help="outer steps (default 30 quick, 50 full)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam step size on log λ")
     parser.add_argument("--n-train", type=int, default=100, help="training examples")
@@ -276,6 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     warm = float(np.mean([cg.history["inner_iterations"][k] for k in cg.history["cold_steps"]]))
     cold = float(np.mean(cg.history["cold_iterations"]))
+    warm_gradient = float(np.mean([cg.history["inner_initial_gradient"][k] for k in cg.history["cold_steps"]]))
+    cold_gradient = float(np.mean(cg.history["cold_initial_gradient"]))
     at = budgets.index(args.neumann_terms) if args.neumann_terms in budgets else None
     metrics = {
         "val_loss_before": before["val_loss"],
@@ -290,6 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "cg_mean_iterations": float(np.mean(cg.history["matvecs"])),
         "inner_iterations_warm_mean": warm,
         "inner_iterations_cold_mean": cold,
+        "inner_initial_gradient_warm_mean": warm_gradient,
+        "inner_initial_gradient_cold_mean": cold_gradient,
         "hypergradient_errors_start": errors_start,
         "hypergradient_errors_end": errors_end,
         "lambda_per_feature": dict(zip(data["features"], cg.theta.detach().exp().cpu().tolist())),
@@ -317,10 +327,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             (f"hypergradient error of CG ({args.neumann_terms} iterations), start / end",
              f"{error_at(errors_start, 'cg')} / {error_at(errors_end, 'cg')}"),
             ("L-BFGS iterations per inner solve, warm / cold start (mean)", f"{warm:.1f} / {cold:.1f}"),
+            ("‖∇f‖ where the inner solve starts, warm / cold (mean)", f"{warm_gradient:.1e} / {cold_gradient:.1e}"),
         ],
         notes=[
             "The penalties start at λ_j = 1 (too strong); hypergradient descent lowers the ones that hurt the",
             "validation loss. Errors are relative to a dense solve of the Hessian system.",
+            "Warm starts save no L-BFGS iterations here although they start much closer to w*: each solve",
+            "starts torch.optim.LBFGS with an empty curvature history, and rebuilding its model of the 31×31",
+            "Hessian, not the distance to w*, sets the number of iterations (superlinear convergence begins",
+            "only once the model is good); measured at the same θ and the same absolute tolerance, warm",
+            "starts needed as many iterations or more.",
             f"Figure: {figure}",
         ],
     )

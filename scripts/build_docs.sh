@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
-if ! "$PYTHON" -c "import sphinx, furo" 2>/dev/null; then
-    echo "error: the docs need Sphinx and furo: pip install -e '.[docs]'" >&2
+if ! "$PYTHON" -c "import importlib, sphinx, furo; importlib.import_module('sphinx-mathjax-offline')" 2>/dev/null; then
+    echo "error: the docs need Sphinx, furo and sphinx-mathjax-offline: pip install -e '.[docs]'" >&2
     exit 1
 fi
 
