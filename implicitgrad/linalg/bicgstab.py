@@ -41,8 +41,8 @@ class BiCGStab(IterativeSolver):
         x_{k+1} = x_k + \alpha_k \hat p_k + \omega_k \hat s_k, \quad
         r_{k+1} = s_k - \omega_k A \hat s_k ,
 
-    with the shadow residual :math:`\hat r_0 = r_0`. Memory is constant (seven vectors,
-    whatever the number of iterations) where :class:`~implicitgrad.GMRES` stores its
+    with the shadow residual :math:`\hat r_0 = r_0`. Memory is constant (about ten
+    vectors, whatever the number of iterations) where :class:`~implicitgrad.GMRES` stores its
     whole basis; the price is a residual that is not monotone and two ways to break down:
     :math:`\rho_k \approx 0` or :math:`\langle \hat r_0, A \hat p_k\rangle \approx 0` (the
     shadow residual is orthogonal to the Krylov vectors) and
