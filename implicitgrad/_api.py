@@ -216,9 +216,11 @@ def fixed_point_solve(
 
     The condition is :math:`F(x, \theta) = x - T(x, \theta) = 0`, so ``A = I − ∂ₓT``
     (default linear solver :class:`GMRES`). The default inner solver is
-    :class:`~implicitgrad.solvers.FixedPointIteration` (damped iteration
-    :math:`x \leftarrow (1-\beta) x + \beta T(x)`), which converges when ``T`` is a
-    contraction. Arguments as in :func:`implicit_solve`.
+    :class:`~implicitgrad.solvers.AndersonAcceleration` (memory 5): near a fixed point of a
+    contraction it needs far fewer evaluations of ``T`` than the plain iteration
+    :math:`x \leftarrow T(x)`; for the plain (damped) iteration, whose convergence a
+    contraction guarantees from any start, pass ``solver=ig.solvers.FixedPointIteration()``.
+    Arguments as in :func:`implicit_solve`.
 
     Example:
         >>> import torch, implicitgrad as ig
@@ -228,9 +230,9 @@ def fixed_point_solve(
         (4.0, 2.0)
     """
     if solver is None:
-        from .solvers import FixedPointIteration
+        from .solvers import AndersonAcceleration
 
-        solver = FixedPointIteration()
+        solver = AndersonAcceleration()
     return _solve(
         "mapping", mapping, x0, params, solver, linear_solver or GMRES(), mode, on_failure,
         return_info, forward_tol,

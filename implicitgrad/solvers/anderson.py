@@ -184,6 +184,6 @@ def _flattener(leaves: List[torch.Tensor], batch_ndim: int):
         return torch.cat([t.reshape(*batch, -1) for t in ts], -1)
 
     def unflatten(x: torch.Tensor) -> List[torch.Tensor]:
-        return [p.reshape(*batch, *s) for p, s in zip(torch.split(x, sizes, -1), shapes)]
+        return [p.reshape(tuple(batch) + tuple(s)) for p, s in zip(torch.split(x, sizes, -1), shapes)]
 
     return flat, unflatten
