@@ -1,6 +1,6 @@
 """implicitgrad: differentiate through any inner optimizer by the implicit function theorem."""
 
-from . import data, linalg, meta, nn, projections, prox, solvers, testing, training
+from . import data, distributed, linalg, meta, nn, projections, prox, solvers, testing, training
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
 from .linalg import CG, GMRES, MINRES, BiCGStab, Exact, LinearSolver, Neumann
@@ -20,6 +20,7 @@ __all__ = [
     "Neumann",
     "SolveInfo",
     "data",
+    "distributed",
     "fixed_point_solve",
     "implicit",
     "implicit_solve",
