@@ -12,7 +12,11 @@ Sections (``--only`` selects some):
   GMRES vs Exact) and the iMAML meta-gradient error against CG steps
   (:mod:`bench_accuracy`);
 * ``batched`` — ``torch.func.vmap`` over 32 problems against a Python loop
-  (:mod:`bench_batched`).
+  (:mod:`bench_batched`);
+* ``krylov`` — each Krylov solver's time per iteration against its bare matrix-vector
+  product, and its products to a relative residual of 1e-8: CG and MINRES on a Hessian,
+  GMRES and BiCGStab on a deep-equilibrium backward (one system, and one per sample) and
+  on a 2,000-unknown root problem (:mod:`bench_krylov`).
 
 Usage (from the repository root)::
 
@@ -46,7 +50,7 @@ from _timing import machine_info, machine_line  # noqa: E402
 
 import implicitgrad as ig  # noqa: E402
 
-SECTIONS = ("backward", "memory", "accuracy", "batched")
+SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov")
 METHOD_LABELS = {
     "imaml": "iMAML (implicitgrad)",
     "maml": "MAML (implicitgrad unrolled)",
@@ -110,6 +114,7 @@ def table_rows(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """The tables as ``{title: {"header": [...], "rows": [[...]], "notes": [...]}}``."""
     from bench_backward import TARGET_VS_FLOOR, TARGET_VS_TORCHOPT
     from bench_batched import TARGET_SPEEDUP
+    from bench_krylov import TARGET_GMRES
     from bench_memory import TARGET_FLAT, TARGET_VS_MAML
 
     tables: Dict[str, Dict[str, Any]] = {}
@@ -188,6 +193,26 @@ def table_rows(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                       _verdict(b["speedup"], TARGET_SPEEDUP, lower_is_better=False),
                       f"{b['check']['max_rel_diff']:.1e}"]],
             "notes": [],
+        }
+    if "krylov" in results:
+        kry = results["krylov"]
+        rows = []
+        for case in kry["cases"].values():
+            for name, iterations in case["iterations"].items():
+                overhead = case["overhead"][name]
+                rows.append([case["description"], name, str(iterations),
+                             f"{1e6 * case['per_iteration_s'][name]:.0f} µs",
+                             f"{1e6 * case['per_matvec_s'][name]:.0f} µs",
+                             _verdict(overhead, TARGET_GMRES) if name == "GMRES" else f"{overhead:.2f}",
+                             f"{case['check']['max_rel_diff']:.1e}"])
+        tables["Krylov solvers: time per iteration against the bare matvec"] = {
+            "header": ["problem", "solver", f"products to {kry['tol']:g}", "time per product (solve)",
+                       "bare matvec", f"solve / its matvecs (GMRES target ≤ {TARGET_GMRES})",
+                       "max rel. diff between solvers"],
+            "rows": rows,
+            "notes": [f"{kry['dtype']}, median of {results['settings']['reps']} interleaved rounds of the solve and "
+                      "of a loop of the same number of bare matvec calls on distinct inputs; products include "
+                      "GMRES's restart residuals and every solver's final measured residual."],
         }
     return tables
 
@@ -346,6 +371,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         import bench_batched
 
         results["batched"] = bench_batched.run(device, args.quick, args.reps, args.warmup, progress=say)
+    if "krylov" in args.only:
+        import bench_krylov
+
+        results["krylov"] = bench_krylov.run(device, args.quick, args.reps, args.warmup, progress=say)
 
     results["checks"] = _checks(results)
     results["checks_ok"] = all(c["ok"] for c in results["checks"].values())
@@ -391,6 +420,8 @@ def _checks(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         checks["memory/maml"] = results["memory"]["check"]
     if "batched" in results:
         checks["batched"] = results["batched"]["check"]
+    for name, case in results.get("krylov", {}).get("cases", {}).items():
+        checks[f"krylov/{name}"] = case["check"]
     return checks
 
 

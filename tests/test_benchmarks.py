@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
-SECTIONS = ("backward", "memory", "accuracy", "batched")
+SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov")
 
 
 def _run(args, tmp_path: Path, env=None):
@@ -85,6 +85,22 @@ def test_accuracy_curves_reach_the_reference(quick_run):
     for method in ("CG", "GMRES"):
         assert acc["logistic_well"]["rel_error"][method][-1] < 1e-10
     assert acc["imaml_synthetic"]["rel_error"]["iMAML (CG steps)"][-1] < 1e-10
+
+
+def test_krylov_rows_count_products_and_time_them_against_the_matvec(quick_run):
+    _, results, stdout = quick_run
+    cases = results["krylov"]["cases"]
+    assert set(cases) == {"symmetric", "deq", "deq_batched", "root"}
+    assert set(cases["symmetric"]["iterations"]) == {"CG", "MINRES"}
+    for key in ("deq", "deq_batched", "root"):
+        assert set(cases[key]["iterations"]) == {"GMRES", "BiCGStab"}
+    for case in cases.values():
+        assert all(status == "converged" for status in case["check"]["statuses"].values())
+        for name, iterations in case["iterations"].items():
+            assert iterations > 1
+            assert case["per_iteration_s"][name] > 0 and case["per_matvec_s"][name] > 0
+            assert case["overhead"][name] > 0
+    assert "Krylov solvers: time per iteration against the bare matvec" in stdout
 
 
 def test_runs_without_torchopt_and_higher(tmp_path):
