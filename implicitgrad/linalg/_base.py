@@ -282,7 +282,7 @@ class PytreeLayout:
         self.batch_ndim = batch_ndim
 
     def unflatten(self, leaves: Sequence[torch.Tensor]) -> Any:
-        if self.template is None:
+        if self.template is None or self.index is None:
             return tree_unflatten(list(leaves), self.spec)
         full = list(self.template)
         for i, t in zip(self.index, leaves):
@@ -323,6 +323,8 @@ def nonfinite_systems(
         for t in vector:
             flag = ~torch.isfinite(t).reshape(*t.shape[:batch_ndim], -1).all(-1)
             bad = flag if bad is None else bad | flag
+    if bad is None:
+        raise ValueError("nonfinite_systems: b has no tensor leaves.")
     return bad
 
 

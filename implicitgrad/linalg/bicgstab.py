@@ -83,7 +83,7 @@ class BiCGStab(IterativeSolver):
     """
 
     # The preconditioner is wrapped exactly as the symmetric solvers wrap theirs.
-    _flat_preconditioner = SymmetricIterativeSolver._flat_preconditioner
+    _flat_preconditioner: Callable[..., Matvec] = SymmetricIterativeSolver._flat_preconditioner
 
     def __init__(
         self,

@@ -134,7 +134,7 @@ class AndersonAcceleration(InnerSolver):
             best_norm = torch.where(improved, r_norm, best_norm)
             if tol > 0 and (k == 1 or k % every == 0):
                 # NaN counts as not converged: it keeps the run going and is reported.
-                moving = moving & ~(best_norm <= threshold)
+                moving = moving & ~(best_norm <= cast(torch.Tensor, threshold))
                 if not bool(moving.any()):
                     k -= 1
                     break
