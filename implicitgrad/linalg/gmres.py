@@ -195,7 +195,9 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
     single = float(scale) if r.shape[0] == 1 else None
     cosines, sines = [], []
     for j in range(steps):
-        w = op(basis[j]).unsqueeze(1)
+        # The product gets its own copy: an in-place matvec must not corrupt the basis,
+        # and autograd's vector-Jacobian products are much slower on views of it.
+        w = op(basis[j].clone()).unsqueeze(1)
         known = basis[: j + 1].transpose(0, 1)
         known_t = known.transpose(1, 2)
         h = torch.bmm(w, known_t)
