@@ -251,7 +251,7 @@ class ProximalGradient(InnerSolver):
             spent += 1
             d = [(a - b).detach() for a, b in zip(x_new, y)]
             bound = float(f_y.detach()) + float(dot([g.detach() for g in g_y], d, 0)) + float(dot(d, d, 0)) / (2 * eta)
-            slack = 1e2 * torch.finfo(y[0].dtype).eps * max(1.0, abs(float(f_y)))
+            slack = 1e2 * torch.finfo(y[0].dtype).eps * max(1.0, abs(float(f_y.detach())))
             if float(f_new) <= bound + slack:
                 return x_new, eta, spent
             eta *= 0.5
