@@ -119,7 +119,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser = example_parser(__file__, "Meta-learn N-way K-shot classification with iMAML, MAML, FO-MAML, Reptile "
                                       "and a pretrained baseline; report held-out accuracy with 95% confidence "
                                       "intervals.")
-    parser.add_argument("--dataset", choices=("digits", "omniglot"), default="digits")
+    parser.add_argument("--dataset", choices=("digits", "omniglot"), default="digits",
+                        help="digits: scikit-learn's 8×8 digits, bundled (offline); omniglot: a local copy (--root)")
     parser.add_argument("--root", default=None, help="Omniglot folder (images_background/, images_evaluation/)")
     parser.add_argument("--n-way", type=int, default=5, help="classes per episode")
     parser.add_argument("--k-shot", type=int, default=1, help="support images per class")
