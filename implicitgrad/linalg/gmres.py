@@ -180,24 +180,26 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
     system whether Arnoldi met a (numerically) invariant subspace.
     """
     dtype, device = r.dtype, r.device
+    systems = r.shape[0]
     # ‖w‖ + tiny keeps every division finite: a zero vector (an exact breakdown, or a
     # system that entered the cycle solved) stays zero, and its rotation leaves the
     # residual estimate unchanged.
     tiny = torch.finfo(dtype).tiny
-    basis[0] = r / (beta + tiny)[:, None]
+    # The products act on a fresh vector whose copy is in the basis: an in-place matvec
+    # cannot corrupt the basis.
+    vector = r / (beta + tiny)[:, None]
+    basis[0] = vector
     # rows[j] is row j of the product of the rotations met before step j (zero beyond
     # entry j): β |rows[j][0]| is the residual after j steps, and its dot with column j
     # of the Hessenberg matrix is the entry the next rotation acts on.
-    rows = [torch.ones_like(beta)[:, None]]
-    columns, subdiagonal = [], []
+    minus_unit = -torch.eye(steps + 1, dtype=dtype, device=device)
+    rows = [-minus_unit[0].expand(systems, steps + 1)]
+    columns, subdiagonal, cosines, sines = [], [], [], []
     # The checks read only active systems (a finished one may carry NaN it no longer uses).
     scale = torch.where(active, beta / limit, torch.zeros_like(beta))
-    single = float(scale) if r.shape[0] == 1 else None
-    cosines, sines = [], []
+    single = float(scale) if systems == 1 else None
     for j in range(steps):
-        # The product gets its own copy: an in-place matvec must not corrupt the basis,
-        # and autograd's vector-Jacobian products are much slower on views of it.
-        w = op(basis[j].clone()).unsqueeze(1)
+        w = op(vector).unsqueeze(1)
         known = basis[: j + 1].transpose(0, 1)
         known_t = known.transpose(1, 2)
         h = torch.bmm(w, known_t)
@@ -206,14 +208,15 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
         w = torch.baddbmm(w, again, known, alpha=-1)
         column = (h + again).squeeze(1)
         w_norm = torch.linalg.vector_norm(w, dim=2) + tiny
-        basis[j + 1] = w.squeeze(1) / w_norm
+        vector = w.squeeze(1) / w_norm
+        basis[j + 1] = vector
         row = rows[j]
         # The reflection [[c, s], [s, −c]] maps (row · column, ‖w‖) to (‖·‖, 0).
-        diagonal = torch.linalg.vecdot(row, column).unsqueeze(1)
+        diagonal = torch.linalg.vecdot(row[:, : j + 1], column).unsqueeze(1)
         radius = torch.hypot(diagonal, w_norm)
         cosine, sine = diagonal / radius, w_norm / radius
-        rows.append(torch.cat((row * sine, -cosine), dim=1))
-        columns.append(column)
+        rows.append(torch.addcmul(row * sine, cosine, minus_unit[j + 1]))
+        columns.append(torch.nn.functional.pad(column, (0, steps - j)))
         subdiagonal.append(w_norm)
         cosines.append(cosine)
         sines.append(sine)
@@ -227,18 +230,16 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
                 break
     k = len(columns)
     cosine, sine, below = (torch.cat(parts, dim=1) for parts in (cosines, sines, subdiagonal))
+    products = torch.stack(rows, dim=1)[:, :, : k + 1]
     # Row j of the product of all rotations is (c_j · rows[j], s_j) on its first j + 2
     # entries; times the Hessenberg matrix it gives the triangular factor R.
-    omega = torch.zeros(r.shape[0], k, k + 1, dtype=dtype, device=device)
-    hess_t = torch.zeros_like(omega)
-    for j in range(k):
-        omega[:, j, : j + 1] = rows[j] * cosine[:, j : j + 1]
-        hess_t[:, j, : j + 1] = columns[j]
+    omega = products[:, :k] * cosine.unsqueeze(2)
     omega.diagonal(offset=1, dim1=1, dim2=2).copy_(sine)
+    hess_t = torch.stack(columns, dim=1)[:, :, : k + 1]
     hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(below)
     upper = torch.bmm(omega, hess_t.transpose(1, 2))
     g = beta[:, None] * omega[:, :, 0]
-    estimates = torch.cat([q[:, :1] for q in rows[1:]], dim=1).abs() * scale[:, None]
+    estimates = products[:, 1:, 0].abs() * scale[:, None]
     reached = estimates <= 1.0
     # Relative to ‖A v_j‖ (the norm of column j of the Hessenberg matrix): a new basis
     # vector that vanishes means the Krylov space is invariant; a pivot of R that
