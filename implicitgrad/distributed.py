@@ -39,7 +39,8 @@ identity, so the same script runs on one process unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -48,7 +49,7 @@ import torch.distributed as dist
 from ._tree import is_float_tensor, tree_flatten, tree_unflatten
 from .meta.distributed import is_distributed
 
-__all__ = ["all_reduce_objective", "replicate", "shard", "sum_over_ranks"]
+__all__ = ["all_reduce_objective", "count_all_reduces", "replicate", "shard", "sum_over_ranks"]
 
 
 def _world(group: Any) -> int:
@@ -374,3 +375,34 @@ def shard(tensor: torch.Tensor, group: Any = None, rank: Optional[int] = None,
     if not (isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"shard: rank must be in [0, {world_size}), got {rank!r}.")
     return torch.tensor_split(tensor, world_size)[rank]
+
+
+@contextlib.contextmanager
+def count_all_reduces() -> Iterator[List[Tuple[int, int]]]:
+    """Record every ``torch.distributed.all_reduce`` made inside the block.
+
+    Yields a list that receives ``(elements, bytes)`` per call, in order: the communication of
+    a solve or a hypergradient, counted (a measurement tool; it wraps the function
+    ``torch.distributed.all_reduce`` for the duration of the block, so it sees the calls made
+    from Python — those of this module and of :mod:`implicitgrad.meta` — not the buckets that
+    ``DistributedDataParallel`` reduces from C++).
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> with ig.distributed.count_all_reduces() as calls:
+        ...     _ = ig.distributed.sum_over_ranks(torch.ones(3))   # one process: no call
+        >>> calls
+        []
+    """
+    calls: List[Tuple[int, int]] = []
+    original = dist.all_reduce
+
+    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append((tensor.numel(), tensor.numel() * tensor.element_size()))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original

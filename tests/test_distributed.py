@@ -7,7 +7,6 @@ never touch ``ig.distributed``. Everything is float64.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -86,22 +85,6 @@ def _figures(info):
             "backward_iterations": b.iterations, "backward_residual": b.residual, "backward_status": b.status}
 
 
-@contextlib.contextmanager
-def counting_all_reduce(log):
-    """Record ``(number of elements, bytes)`` of every ``dist.all_reduce`` made inside."""
-    original = dist.all_reduce
-
-    def counted(tensor, *args, **kwargs):
-        log.append((tensor.numel(), tensor.numel() * tensor.element_size()))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counted
-    try:
-        yield log
-    finally:
-        dist.all_reduce = original
-
-
 def sharded_hypergradient(group, setting):
     """This rank's shard of the data; the objective and the validation loss all-reduced."""
     solver, linear, on_failure = SETTINGS[setting]
@@ -121,16 +104,54 @@ def sharded_hypergradient(group, setting):
             Xvr @ model["w"] + model["b"], yvr, reduction="sum") / N_VAL,
         sharded=(0, 1), group=group,
     )
-    forward_log, backward_log = [], []
-    with counting_all_reduce(forward_log):
+    with ig.distributed.count_all_reduces() as forward_log:
         model, info = ig.implicit_solve(objective, zero_model(), theta, scale, wr, Xr, yr, solver=solver,
                                         linear_solver=linear, return_info=True, on_failure=on_failure)
-    with counting_all_reduce(backward_log):
+    with ig.distributed.count_all_reduces() as backward_log:
         val = validation(model, Xvr, yvr)
         val.backward()
     return {"val": val.detach(), "theta": theta.grad, "scale": scale.grad, "weights": wr.grad,
             "w": model["w"].detach(),
             "info": _figures(info), "forward_log": forward_log, "backward_log": backward_log}
+
+
+# ---------------------------------------------------------------------- second order, vmap
+def _ridge_data():
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(N_TRAIN, 4, generator=g, dtype=DTYPE), torch.randn(N_TRAIN, generator=g, dtype=DTYPE)
+    lams = 0.2 + torch.rand(3, 4, generator=g, dtype=DTYPE)  # three per-feature penalty vectors
+    return X, y, lams
+
+
+def _ridge_solve(objective, lam, X, y):
+    return ig.implicit_solve(objective, torch.zeros(4, dtype=DTYPE), lam, X, y, on_failure="raise",
+                             solver=ig.solvers.LBFGS(tol=1e-13), linear_solver=ig.CG(tol=1e-13))
+
+
+def higher_order(objective, X, y):
+    """Hypergradient, the gradient of its squared norm (create_graph) and a vmapped Jacobian."""
+    _, _, lams = _ridge_data()
+    lam = lams[0].clone().requires_grad_(True)
+    w = _ridge_solve(objective, lam, X, y)
+    (first,) = torch.autograd.grad((w**3).sum(), lam, create_graph=True)
+    (second,) = torch.autograd.grad((first**2).sum(), lam)
+
+    def batch_total(ls):
+        return torch.func.vmap(_ridge_solve, in_dims=(None, 0, None, None))(objective, ls, X, y).sum()
+
+    return {"first": first.detach(), "second": second, "vmap_jacobian": torch.func.jacrev(batch_total)(lams)}
+
+
+def plain_ridge(w, lam, X, y):
+    return 0.5 * ((X @ w - y) ** 2).sum() / N_TRAIN + 0.5 * (lam * w**2).sum()
+
+
+def sharded_higher_order(group):
+    X, y, _ = _ridge_data()
+    objective = ig.distributed.all_reduce_objective(
+        lambda w, lam, Xr, yr: 0.5 * ((Xr @ w - yr) ** 2).sum() / N_TRAIN,
+        lambda w, lam, Xr, yr: 0.5 * (lam * w**2).sum(), sharded=(1, 2), group=group)
+    return higher_order(objective, ig.distributed.shard(X, group), ig.distributed.shard(y, group))
 
 
 def mismatch_error(group):
@@ -146,17 +167,17 @@ def mismatch_error(group):
 
 # ---------------------------------------------------------------------- layers under DDP
 class Shrink(ig.nn.ImplicitLayer):
-    """Per sample: x* = argmin ½‖x − u‖² + exp(a) Σ cosh(x); output x*."""
+    """Per sample: x* = argmin ½‖x − u‖² + Σ_j exp(a_j) cosh(x_j); output x*."""
 
     def __init__(self):
         super().__init__(solver=ig.solvers.LBFGS(maxiter=100, tol=1e-13), linear_solver=ig.CG(tol=1e-13))
-        self.a = nn.Parameter(torch.tensor(-1.0, dtype=DTYPE))
+        self.a = nn.Parameter(torch.linspace(-1.5, -0.5, 4, dtype=DTYPE))
 
     def init(self, inputs):
         return torch.zeros_like(inputs[0])
 
     def objective(self, x, inputs, params):
-        return 0.5 * ((x - inputs[0]) ** 2).sum() + params["a"].exp() * torch.cosh(x).sum()
+        return 0.5 * ((x - inputs[0]) ** 2).sum() + (params["a"].exp() * torch.cosh(x)).sum()
 
 
 def make_net(kind):
@@ -197,23 +218,46 @@ def make_items(kind):
 LAYERS = ("ridge", "logistic", "implicit_layer")
 
 
-def layer_gradients(kind, group=None, ddp=True):
-    """Gradients of the mean loss; under DDP each rank takes ``items[rank::world]`` (equal counts)."""
+def layer_gradients(kind, group=None, wrap="ddp"):
+    """Gradients of the mean loss; wrapped, each rank takes ``items[rank::world]`` (equal counts).
+
+    ``wrap``: ``None`` (one process, every item), ``"ddp"`` or ``"fsdp"`` (``fully_shard`` on
+    every sub-module with parameters, the implicit layers included, then on the whole model).
+    fully_shard refuses 0-d parameters (the heads' log λ and scale): they are left to the
+    caller, here an explicit all-reduce of their gradients.
+    """
     net = make_net(kind)
     items = make_items(kind)
     model = MeanLoss(net)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, process_group=group)
+    if wrap is not None:
         items = items[dist.get_rank(group)::dist.get_world_size(group)]
+    scalars = [p for p in net.parameters() if p.dim() == 0]
+    if wrap == "ddp":
+        model = nn.parallel.DistributedDataParallel(model, process_group=group)
+    elif wrap == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in net.modules():
+            if isinstance(module, (nn.Linear, ig.nn.ImplicitLayer)) and any(p.dim() for p in module.parameters()):
+                fully_shard(module, ignored_params=set(scalars))
+        fully_shard(model, ignored_params=set(scalars))
     model(items).backward()
-    return {name: p.grad.clone() for name, p in net.named_parameters()}
+    if wrap == "fsdp":
+        for p in scalars:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= dist.get_world_size(group)
+    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for name, p in net.named_parameters()}
 
 
 # ---------------------------------------------------------------------- processes
 def run_checks(group):
-    return {"hyper": {setting: sharded_hypergradient(group, setting) for setting in SETTINGS},
-            "mismatch": mismatch_error(group),
-            "layers": {kind: layer_gradients(kind, group) for kind in LAYERS}}
+    result = {"hyper": {setting: sharded_hypergradient(group, setting) for setting in SETTINGS},
+              "mismatch": mismatch_error(group), "higher_order": sharded_higher_order(group),
+              "layers": {kind: layer_gradients(kind, group) for kind in LAYERS}}
+    if group is None:  # fully_shard on the default mesh: every process
+        result["fsdp"] = {kind: layer_gradients(kind, group, wrap="fsdp") for kind in LAYERS}
+    return result
 
 
 def worker(rank, world_size, init_method, out):
@@ -318,9 +362,23 @@ def test_replicated_mismatch_raises_on_every_rank(ranks):
         assert "differ between ranks" in r["mismatch"] and "params[0]" in r["mismatch"]
 
 
+def test_second_order_and_vmap_equal_whole_data(ranks):
+    X, y, _ = _ridge_data()
+    reference = higher_order(plain_ridge, X, y)
+    for r in ranks:
+        for key, value in reference.items():
+            torch.testing.assert_close(r["higher_order"][key], value, rtol=1e-10, atol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def layer_reference():
+    """One process, every item: the gradients each wrapped run must reproduce."""
+    return {kind: layer_gradients(kind, wrap=None) for kind in LAYERS}
+
+
 @pytest.mark.parametrize("kind", LAYERS)
-def test_layers_under_ddp_equal_concatenated_batch(ranks, kind):
-    reference = layer_gradients(kind, ddp=False)
+def test_layers_under_ddp_equal_concatenated_batch(ranks, layer_reference, kind):
+    reference = layer_reference[kind]
     for r in ranks:
         got = r["layers"][kind]
         assert sorted(got) == sorted(reference)
@@ -364,3 +422,33 @@ def test_bad_arguments():
     objective = ig.distributed.all_reduce_objective(lambda x, a: x.sum(), sharded=(1,))
     with pytest.raises(ValueError, match="beyond"):
         objective(torch.zeros(2), torch.zeros(2))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_layers_under_fsdp_equal_concatenated_batch(launched, layer_reference, kind):
+    reference = layer_reference[kind]
+    for r in launched:
+        got = r[WORLD]["fsdp"][kind]
+        assert sorted(got) == sorted(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-13)
+
+
+def test_example_on_one_process(monkeypatch, tmp_path):
+    """The torchrun example, started without torchrun: no all-reduce, the reference agreement holds."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    threads = torch.get_num_threads()
+    try:
+        metrics = importlib.import_module("hpo_distributed").main(
+            ["--quick", "--steps", "3", "--json", str(tmp_path / "m.json"), "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "m.json").read_text())["world_size"] == metrics["world_size"] == 1
+    assert metrics["all_reduces_forward_per_step"] == metrics["all_reduces_backward_per_step"] == 0
+    assert metrics["hypergradient_relative_error_max"] < 1e-10
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert list(tmp_path.glob("hpo_distributed_1proc.png"))
