@@ -7,7 +7,7 @@ from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union
 
 import torch
 
-from ._diagnostics import SolveInfo, check_on_failure, report
+from ._diagnostics import SolveInfo, check_on_failure
 from ._forward import call_solver
 from ._functions import ImplicitSolve, host_readable
 from ._problem import Problem
@@ -313,14 +313,6 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     check_on_failure(on_failure)
-    if kind != "objective" and getattr(linear_solver, "symmetric", False):
-        report(
-            f"{type(linear_solver).__name__} assumes a symmetric matrix, but the {kind} condition's "
-            f"matrix A = {'I − ∂ₓT' if kind == 'mapping' else '∂ₓF'} is not symmetric in general: "
-            "the backward solve can stop with a wrong gradient. Use linear_solver=ig.GMRES() "
-            "(or ig.BiCGStab(), or ig.Exact() for small problems).",
-            "ignore" if on_failure == "ignore" else "warn",
-        )
     if forward_tol is not None:
         check_positive_number("forward_tol", forward_tol)
 

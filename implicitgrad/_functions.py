@@ -134,6 +134,8 @@ def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
 
         b = [t.float() for t in b]
     with product_precision(dtype):
+        if problem.kind != "objective" and getattr(problem.linear_solver, "symmetric", False):
+            _check_symmetric(problem, op, b)
         solution, info = problem.linear_solver.solve(op, b, batch_ndim=n, spec=layout)
     solution = [t.to(dtype) for t in propagate_nonfinite(op, b, solution, info, n)]
     problem.record(info)
@@ -156,6 +158,39 @@ def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
             problem.on_failure,
         )
     return solution
+
+
+def _check_symmetric(problem: Problem, op: Callable, b: List[torch.Tensor]) -> None:
+    """Measures whether ``A`` is symmetric before a solver that assumes it (CG, MINRES) runs.
+
+    With ``u = b`` and a fixed, non-random probe ``w``: ``|⟨Au, w⟩ − ⟨u, Aw⟩| ≤ τ ‖Au‖‖w‖``
+    per system, ``τ = 1e3·ε`` of the dtype (products of a symmetric ``A`` agree to rounding).
+    Two products; skipped on batched tensors, whose values the host cannot read.
+    """
+    if not all(host_readable(t) for t in b):
+        return
+    n = problem.batch_ndim
+    w = [torch.sin(1.0 + 0.7548776662 * torch.arange(t.numel(), device=t.device, dtype=t.dtype)).reshape(t.shape)
+         for t in b]
+    au, aw = op(list(b)), op(w)
+
+    def inner(x, y):
+        return sum((xi * yi).reshape(*xi.shape[:n], -1).sum(-1) for xi, yi in zip(x, y))
+
+    gap = (inner(au, w) - inner(b, aw)).abs()
+    scale = inner(au, au).sqrt() * inner(w, w).sqrt()
+    tau = 1e3 * torch.finfo(b[0].dtype).eps
+    asymmetric = gap > tau * scale
+    if bool(asymmetric.any()):
+        kind = "I − ∂ₓT" if problem.kind == "mapping" else "∂ₓF"
+        worst = float((gap / scale.clamp_min(torch.finfo(b[0].dtype).tiny)).max())
+        report(
+            f"{type(problem.linear_solver).__name__} assumes a symmetric matrix, but the {problem.kind} "
+            f"condition's matrix A = {kind} is not symmetric: measured |⟨Au, w⟩ − ⟨u, Aw⟩| / (‖Au‖‖w‖) = "
+            f"{worst:.2e}. The backward solve can stop with a wrong gradient. Use linear_solver=ig.GMRES() "
+            "(or ig.BiCGStab(), or ig.Exact() for small problems).",
+            "ignore" if problem.on_failure == "ignore" else "warn",
+        )
 
 
 def vjp(problem: Problem, x, p, v, p_needs) -> List:

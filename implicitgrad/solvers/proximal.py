@@ -221,8 +221,8 @@ class ProximalGradient(InnerSolver):
             momentum = 0.0
             if self.acceleration:
                 t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-                restart = k > 1 and float(dot([a - b for a, b in zip(y, x_new)],
-                                              [a - b for a, b in zip(x_new, x_prev)], 0)) > 0
+                restart = k > 1 and float(dot([(a - b).detach() for a, b in zip(y, x_new)],
+                                              [(a - b).detach() for a, b in zip(x_new, x_prev)], 0)) > 0
                 t, momentum = (1.0, 0.0) if restart else (t_new, (t - 1.0) / t_new)
             y = [a + momentum * (a - b) for a, b in zip(x_new, x_prev)] if momentum else x_new
             x_prev = x_new
