@@ -57,9 +57,13 @@ class LBFGS(InnerSolver):
     f(x_0)\|)` (per problem) or after ``maxiter`` iterations, and returns the point with
     the smallest gradient norm it measured. Every iteration costs one gradient
     evaluation per line-search trial (usually one; two or three in the first
-    iterations). In ``mode="unrolled"`` every operation, line search included, is
-    recorded, so the result is differentiated through the iterations (the accept and
-    bracket decisions held fixed).
+    iterations). In ``mode="unrolled"`` the iterations are recorded with the step
+    lengths :math:`\alpha_k` and the curvature pairs (so :math:`H_k`) held constant:
+    the result is differentiated through :math:`x_{k+1} = x_k - \alpha_k H_k \nabla_x
+    f(x_k, \theta)`. Differentiating :math:`H_k` and the line search too would divide by
+    :math:`s^\top y`, which vanishes as the iterates converge, and amplify rounding
+    without bound; with them held, the unrolled derivative converges to the implicit one
+    as the iterates converge, since :math:`I - \alpha_k H_k \nabla^2_x f \to 0`.
 
     Args:
         maxiter: largest number of iterations.
@@ -139,7 +143,7 @@ class LBFGS(InnerSolver):
         threshold = tol * g0_norm.clamp_min(1.0)
         best, best_norm = x, g0_norm
         active = g0_norm > threshold
-        gamma = safe_div(torch.ones_like(g0_norm), norm(g, batch_ndim))  # first step: -g / ‖g‖
+        gamma = safe_div(torch.ones_like(g0_norm), g0_norm)  # first step: -g / ‖g‖
         pairs: List[Tuple[Vector, Vector, torch.Tensor]] = []
         k = 0
         for k in range(1, self.maxiter + 1):
@@ -147,21 +151,21 @@ class LBFGS(InnerSolver):
                 k -= 1
                 break
             d = _two_loop(g, pairs, gamma, batch_ndim)
-            slope = dot(g, d, batch_ndim)
-            uphill = ~(slope.detach() < 0)  # lost positive definiteness to rounding: steepest descent
+            slope = dot(g, d, batch_ndim).detach()
+            uphill = ~(slope < 0)  # lost positive definiteness to rounding: steepest descent
             d = where_leaves(uphill, [-scale(gamma, gi) for gi in g], d)
-            slope = torch.where(uphill, -gamma * dot(g, g, batch_ndim), slope)
+            slope = torch.where(uphill, -gamma * dot(g, g, batch_ndim).detach(), slope)
             x_new, g_new, moved = self._line_search(gradient, x, g, d, slope, active, threshold, batch_ndim)
             g_norm = norm(_detached(g_new), batch_ndim)
             improved = moved & (g_norm < best_norm)
             best = where_leaves(improved, x_new, best)
             best_norm = torch.where(improved, g_norm, best_norm)
             # Curvature pair (s, y); kept only where sᵀy > 0 and the point moved.
-            s = [a - b for a, b in zip(x_new, x)]
-            y = [a - b for a, b in zip(g_new, g)]
+            s = [(a - b).detach() for a, b in zip(x_new, x)]
+            y = [(a - b).detach() for a, b in zip(g_new, g)]
             sy = dot(s, y, batch_ndim)
             yy = dot(y, y, batch_ndim)
-            good = moved & (sy.detach() > 1e-10 * (norm(_detached(s), batch_ndim) * yy.detach().sqrt()))
+            good = moved & (sy > 1e-10 * (norm(s, batch_ndim) * yy.sqrt()))
             rho = torch.where(good, safe_div(torch.ones_like(sy), sy), torch.zeros_like(sy))
             gamma = torch.where(good, safe_div(sy, yy), gamma)
             pairs.append((s, y, rho))
@@ -203,16 +207,16 @@ class LBFGS(InnerSolver):
         for _ in range(self.line_search_steps):
             trial = axpy(alpha, d, x)
             g_t = gradient(trial)
-            slope_t = dot(g_t, d, batch_ndim)
-            finite = torch.isfinite(slope_t.detach()) & torch.isfinite(norm(_detached(g_t), batch_ndim))
+            slope_t = dot(g_t, d, batch_ndim).detach()
+            finite = torch.isfinite(slope_t) & torch.isfinite(norm(_detached(g_t), batch_ndim))
             accept = pending & finite & (
-                (slope_t.detach().abs() <= WOLFE * slope.detach().abs())
+                (slope_t.abs() <= WOLFE * slope.abs())
                 | (norm(_detached(g_t), batch_ndim) <= threshold)
             )
             x_out, g_out = where_leaves(accept, trial, x_out), where_leaves(accept, g_t, g_out)
             moved = moved | accept
             pending = pending & ~accept
-            over = pending & (~finite | (slope_t.detach() > 0))
+            over = pending & (~finite | (slope_t > 0))
             short = pending & ~over
             hi, d_hi = torch.where(over, alpha, hi), torch.where(over, torch.where(finite, slope_t, d_hi), d_hi)
             x_lo, g_lo = where_leaves(short, trial, x_lo), where_leaves(short, g_t, g_lo)
