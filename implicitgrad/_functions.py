@@ -23,8 +23,14 @@ from collections.abc import Sequence
 from typing import Callable, List, Tuple
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
+from ._compat import (
+    add_legacy_batch_dim,
+    is_legacy_batched,
+    is_wrapped,
+    legacy_vmap_level,
+    remove_legacy_batch_dim,
+)
 from ._diagnostics import report
 from ._forward import run_forward
 from ._problem import Problem
@@ -43,26 +49,13 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _wrapped(tensors: Sequence) -> bool:
-    return any(isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t) for t in tensors)
-
-
-def _legacy(t) -> bool:
-    """A tensor batched by the vmap of ``torch.autograd`` (``is_grads_batched``,
-    ``jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``)."""
-    return isinstance(t, torch.Tensor) and is_legacy_batchedtensor(t)
+    return any(is_wrapped(t) for t in tensors)
 
 
 def host_readable(t: torch.Tensor) -> bool:
     """Whether ``t``'s values can be read on the host (``bool()``, ``float()``): not a
     batched or otherwise wrapped tensor, not a meta tensor."""
-    return not (is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t) or t.is_meta)
-
-
-def _legacy_level() -> int:
-    """The nesting level of ``torch.autograd``'s vmap that batched the current tensors."""
-    level = torch._C._vmapmode_increment_nesting()
-    torch._C._vmapmode_decrement_nesting()
-    return level - 1
+    return not (is_wrapped(t) or is_legacy_batched(t) or t.is_meta)
 
 
 def _per_slice(rule: Callable) -> Callable:
@@ -75,17 +68,17 @@ def _per_slice(rule: Callable) -> Callable:
 
     @functools.wraps(rule)
     def wrapper(ctx, *args):
-        if not any(_legacy(a) for a in args):
+        if not any(is_legacy_batched(a) for a in args):
             return rule(ctx, *args)
-        level = _legacy_level()
-        physical = [torch._remove_batch_dim(a, level, 1, 0) if _legacy(a) else a for a in args]
-        size = next(t.shape[0] for t, a in zip(physical, args) if _legacy(a))
+        level = legacy_vmap_level()
+        physical = [remove_legacy_batch_dim(a, level) if is_legacy_batched(a) else a for a in args]
+        size = next(t.shape[0] for t, a in zip(physical, args) if is_legacy_batched(a))
         results = [
-            rule(ctx, *[t[i] if _legacy(a) else a for t, a in zip(physical, args)])
+            rule(ctx, *[t[i] if is_legacy_batched(a) else a for t, a in zip(physical, args)])
             for i in range(size)
         ]
         return tuple(
-            None if column[0] is None else torch._add_batch_dim(torch.stack(column), 0, level)
+            None if column[0] is None else add_legacy_batch_dim(torch.stack(column), level)
             for column in zip(*results)
         )
 

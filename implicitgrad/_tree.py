@@ -1,11 +1,16 @@
-"""Pytree helpers on top of ``torch.utils._pytree`` (the library ``torch.func`` uses)."""
+"""Pytree helpers: the one module through which the library flattens pytrees.
+
+The flattening is ``torch.func``'s own (reached through :mod:`implicitgrad._compat`), so
+a pytree means the same here as under ``torch.func.vmap`` / ``grad``.
+"""
 
 from __future__ import annotations
 
 from typing import Any, List, Tuple
 
 import torch
-from torch.utils import _pytree as pytree
+
+from ._compat import pytree
 
 TreeSpec = pytree.TreeSpec
 
@@ -16,6 +21,12 @@ def tree_flatten(tree: Any) -> Tuple[List[Any], TreeSpec]:
 
 def tree_unflatten(leaves: List[Any], spec: TreeSpec) -> Any:
     return pytree.tree_unflatten(leaves, spec)
+
+
+def tree_leaf_names(tree: Any, prefix: str = "") -> List[str]:
+    """A readable path per leaf, e.g. ``prefix[0]['w']``."""
+    with_path, _ = pytree.tree_flatten_with_path(tree)
+    return [f"{prefix}{pytree.keystr(path)}" for path, _ in with_path]
 
 
 def is_float_tensor(x: Any) -> bool:

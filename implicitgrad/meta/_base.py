@@ -308,6 +308,16 @@ class GradientStepLearner(MetaLearner):
         return self._descend(theta, context, x_s, y_s, self.inner_lr, self.inner_steps)
 
 
+# The public classes that normalise by batch statistics and the ones that drop at random.
+_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d, nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d,
+)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def vmappable(model: nn.Module, second_order: bool = False) -> bool:
     """Whether the model's forward can run under ``torch.func.vmap`` in its current mode.
 
@@ -331,13 +341,13 @@ def vmappable(model: nn.Module, second_order: bool = False) -> bool:
     for module in model.modules():
         if second_order and isinstance(module, nn.LayerNorm):
             return False
-        if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
+        if isinstance(module, _NORMS):
             tracking = module.running_mean is not None
             if module.training and tracking:
                 return False
             if second_order and (module.training or not tracking):
                 return False
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+        if isinstance(module, _DROPOUTS) and module.training and module.p > 0:
             return False
     return True
 

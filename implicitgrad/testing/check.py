@@ -34,10 +34,9 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .._api import fixed_point_solve, implicit_solve, root_solve
-from .._tree import tree_flatten, tree_unflatten
+from .._tree import tree_flatten, tree_leaf_names, tree_unflatten
 from ..linalg import CG, GMRES, Exact
 from ..solvers import FixedPointIteration
 from ._report import (
@@ -461,8 +460,8 @@ def _cast_tree(tree: Any, dtype: Optional[torch.dtype]) -> Any:
 
 
 def _parameter_leaves(params: Tuple[Any, ...], dtype: Optional[torch.dtype]):
-    with_path, spec = pytree.tree_flatten_with_path(tuple(params))
-    originals = [leaf for _, leaf in with_path]
+    originals, spec = tree_flatten(tuple(params))
+    leaf_names = tree_leaf_names(tuple(params), "params")
     floats = [i for i, t in enumerate(originals) if _is_float(t)]
     if not floats:
         raise TypeError(
@@ -472,7 +471,7 @@ def _parameter_leaves(params: Tuple[Any, ...], dtype: Optional[torch.dtype]):
     wrt = [i for i in floats if originals[i].requires_grad] or floats
     flat = [t.detach().to(dtype) if _is_float(t) and dtype is not None else
             (t.detach() if isinstance(t, torch.Tensor) else t) for t in originals]
-    names = [f"params{pytree.keystr(with_path[i][0])}" for i in wrt]
+    names = [leaf_names[i] for i in wrt]
     return flat, spec, names, wrt
 
 
