@@ -14,7 +14,7 @@ from ._problem import Problem
 from ._tree import is_float_tensor, tree_flatten
 from ._validation import check_positive_number
 from .linalg import CG, GMRES
-from .linalg._base import LinearSolver
+from .linalg._base import LinearSolverLike
 
 __all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
 
@@ -26,19 +26,19 @@ X = TypeVar("X")  # the structure of x0, which the solution keeps
 @overload
 def implicit_solve(
     objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,
 ) -> X: ...
 @overload
 def implicit_solve(
     objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[True], forward_tol: Optional[float] = ...,
 ) -> Tuple[X, SolveInfo]: ...
 @overload
 def implicit_solve(
     objective: Callable[..., torch.Tensor], x0: X, *params: Any, solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: bool = ..., forward_tol: Optional[float] = ...,
 ) -> Union[X, Tuple[X, SolveInfo]]: ...
 
@@ -48,7 +48,7 @@ def implicit_solve(
     x0: Any,
     *params: Any,
     solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = None,
+    linear_solver: Optional[LinearSolverLike] = None,
     mode: str = "implicit",
     on_failure: str = "warn",
     return_info: bool = False,
@@ -83,7 +83,11 @@ def implicit_solve(
         solver: ``solver(objective, x0, *params) -> x``; run under ``torch.no_grad()`` in
             implicit mode, so it need not be differentiable. Any callable: an
             ``ig.solvers`` solver, a closed form, a SciPy wrapper, a user's loop.
-        linear_solver: solver for the backward system; default ``CG()``.
+        linear_solver: solver for the backward system; default ``CG()``. Any
+            :class:`~implicitgrad.LinearSolver`, or a plain callable
+            ``linear_solver(matvec, b) -> x`` (or ``-> (x, info)`` with ``info`` built by
+            :meth:`LinearSolveInfo.from_residual <implicitgrad.LinearSolveInfo.from_residual>`)
+            on pytrees with the structure of ``x``.
         mode: ``"implicit"`` (default) or ``"unrolled"``: differentiate through the
             iterations of a built-in ``ig.solvers`` solver instead (memory grows with the
             number of iterations; for comparisons).
@@ -135,19 +139,19 @@ def implicit_solve(
 @overload
 def root_solve(
     residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,
 ) -> X: ...
 @overload
 def root_solve(
     residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[True], forward_tol: Optional[float] = ...,
 ) -> Tuple[X, SolveInfo]: ...
 @overload
 def root_solve(
     residual: Callable[..., Any], x0: X, *params: Any, solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: bool = ..., forward_tol: Optional[float] = ...,
 ) -> Union[X, Tuple[X, SolveInfo]]: ...
 def root_solve(
@@ -155,7 +159,7 @@ def root_solve(
     x0: Any,
     *params: Any,
     solver: Callable[..., Any],
-    linear_solver: Optional[LinearSolver] = None,
+    linear_solver: Optional[LinearSolverLike] = None,
     mode: str = "implicit",
     on_failure: str = "warn",
     return_info: bool = False,
@@ -186,19 +190,19 @@ def root_solve(
 @overload
 def fixed_point_solve(
     mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[False] = ..., forward_tol: Optional[float] = ...,
 ) -> X: ...
 @overload
 def fixed_point_solve(
     mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: Literal[True], forward_tol: Optional[float] = ...,
 ) -> Tuple[X, SolveInfo]: ...
 @overload
 def fixed_point_solve(
     mapping: Callable[..., Any], x0: X, *params: Any, solver: Optional[Callable[..., Any]] = ...,
-    linear_solver: Optional[LinearSolver] = ..., mode: str = ..., on_failure: str = ...,
+    linear_solver: Optional[LinearSolverLike] = ..., mode: str = ..., on_failure: str = ...,
     return_info: bool = ..., forward_tol: Optional[float] = ...,
 ) -> Union[X, Tuple[X, SolveInfo]]: ...
 def fixed_point_solve(
@@ -206,7 +210,7 @@ def fixed_point_solve(
     x0: Any,
     *params: Any,
     solver: Optional[Callable[..., Any]] = None,
-    linear_solver: Optional[LinearSolver] = None,
+    linear_solver: Optional[LinearSolverLike] = None,
     mode: str = "implicit",
     on_failure: str = "warn",
     return_info: bool = False,
@@ -244,7 +248,7 @@ def implicit(
     *,
     residual: Optional[Callable[..., Any]] = None,
     mapping: Optional[Callable[..., Any]] = None,
-    linear_solver: Optional[LinearSolver] = None,
+    linear_solver: Optional[LinearSolverLike] = None,
     on_failure: str = "warn",
     forward_tol: Optional[float] = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -305,10 +309,11 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
             "solver must be a callable solver(fn, x0, *params) -> x, e.g. "
             "ig.solvers.GradientDescent(lr=0.1, maxiter=500) or a closed form."
         )
-    if not isinstance(linear_solver, LinearSolver):
+    if isinstance(linear_solver, type) or not callable(linear_solver):
         raise TypeError(
             "linear_solver must be an ig linear solver such as ig.CG(), ig.GMRES(), "
-            f"ig.Neumann() or ig.Exact(), got {type(linear_solver).__name__}."
+            "ig.Neumann() or ig.Exact() (an instance), or a callable linear_solver(matvec, b) "
+            f"returning x or (x, info), got {linear_solver!r}."
         )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")

@@ -9,12 +9,15 @@ always with the measured numbers and the change that would fix it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
+
+from ._status import Status, status_message
 
 __all__ = [
     "ConvergenceError",
@@ -48,20 +51,79 @@ class LinearSolveInfo:
         residual: relative residual ``‖A u − b‖ / ‖b‖`` (the largest over a batch of
             independent systems).
         converged: whether ``residual <= tol`` was reached with finite values.
-        status: ``"converged"``, ``"max_iterations"``, ``"negative_curvature"`` (CG),
-            ``"diverging"`` (CG), ``"diverged"`` (Neumann), ``"breakdown"``,
-            ``"preconditioner_not_spd"`` (MINRES), ``"singular"`` (Exact) or
-            ``"nonfinite"``.
+        status: a :class:`~implicitgrad.linalg.Status` (a ``str``, so
+            ``info.status == "converged"`` works); a string given here is converted.
         message: what happened and what to change, empty when converged.
         solver: name of the linear solver.
+
+    A solver of one's own builds its info with :meth:`from_residual`.
     """
 
     iterations: int
     residual: float
     converged: bool
-    status: str
+    status: Status
     message: str = ""
     solver: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, Status):
+            try:
+                self.status = Status(self.status)
+            except ValueError:
+                raise ValueError(
+                    f"LinearSolveInfo: unknown status {self.status!r}; use one of "
+                    f"{[s.value for s in Status]} (ig.linalg.Status)."
+                ) from None
+
+    @classmethod
+    def from_residual(
+        cls,
+        residual: Union[float, torch.Tensor],
+        tol: float,
+        *,
+        iterations: int = 0,
+        status: Optional[Union[Status, str]] = None,
+        solver: str = "",
+    ) -> LinearSolveInfo:
+        """The info of a solve that ended at relative residual ``‖Ax − b‖ / ‖b‖``.
+
+        Args:
+            residual: the relative residual; a tensor of one per system is reduced to its
+                largest value.
+            tol: the tolerance it was held to.
+            iterations: matrix-vector products spent.
+            status: how the solve ended; ``None`` derives it from the residual:
+                ``nonfinite`` if it is NaN/Inf, ``converged`` if ``residual <= tol``,
+                else ``max_iterations``.
+            solver: the solver's name, used in the message.
+
+        Example:
+            >>> import implicitgrad as ig
+            >>> info = ig.LinearSolveInfo.from_residual(1e-3, 1e-8, iterations=5, solver="mine")
+            >>> info.status == "max_iterations", info.converged
+            (True, False)
+        """
+        if isinstance(residual, torch.Tensor):
+            residual = float(residual.max()) if residual.numel() else 0.0
+        res = float(residual)
+        if status is None:
+            if not math.isfinite(res):
+                status = Status.NONFINITE
+            elif res <= tol:
+                status = Status.CONVERGED
+            else:
+                status = Status.MAX_ITERATIONS
+        status = Status(status)
+        converged = status is Status.CONVERGED
+        return cls(
+            iterations=iterations,
+            residual=res,
+            converged=converged,
+            status=status,
+            message="" if converged else status_message(status, solver, res, tol),
+            solver=solver,
+        )
 
     def __str__(self) -> str:
         head = (

@@ -40,6 +40,7 @@ from .linalg._base import (
     poison,
     product_precision,
     propagate_nonfinite,
+    run_linear_solver,
 )
 
 __all__ = ["ImplicitSolve", "LinearSolve"]
@@ -129,7 +130,7 @@ def solve_linear(problem: Problem, lin, transpose: bool, b: List[torch.Tensor]):
     with product_precision(dtype):
         if problem.kind != "objective" and getattr(problem.linear_solver, "symmetric", False):
             _check_symmetric(problem, op, b)
-        solution, info = problem.linear_solver.solve(op, b, batch_ndim=n, spec=layout)
+        solution, info = run_linear_solver(problem.linear_solver, op, b, batch_ndim=n, layout=layout)
     solution = [t.to(dtype) for t in propagate_nonfinite(op, b, solution, info, n)]
     problem.record(info)
     worse_than_zero = info.residual > 1

@@ -1,5 +1,6 @@
 """Linear solvers on matrix-vector products over pytrees."""
 
+from .._status import Status
 from ._base import LinearSolver
 from .bicgstab import BiCGStab
 from .cg import CG
@@ -8,4 +9,4 @@ from .gmres import GMRES
 from .minres import MINRES
 from .neumann import Neumann
 
-__all__ = ["BiCGStab", "CG", "Exact", "GMRES", "LinearSolver", "MINRES", "Neumann"]
+__all__ = ["BiCGStab", "CG", "Exact", "GMRES", "LinearSolver", "MINRES", "Neumann", "Status"]

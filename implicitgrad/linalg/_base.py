@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import inspect
 import math
+import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
-from .._diagnostics import LinearSolveInfo
+from .._diagnostics import LinearSolveInfo, user_stacklevel
+from .._status import Status
 from .._tree import TreeSpec, tree_flatten, tree_unflatten
 from .._validation import check_count, check_nonnegative, check_tol
 
@@ -102,64 +106,78 @@ def check_interval(check_every: Optional[int], device: torch.device) -> int:
 
 
 class LinearSolver:
-    """Base class: ``solution, info = solver(matvec, b)``.
+    """Base class of the linear solvers; one call shape for all of them.
 
-    ``matvec`` maps a pytree with the structure of ``b`` to another such pytree and must
-    be linear. Subclasses implement :meth:`solve` on flat lists of tensors.
+    ``x, info = solver.solve(matvec, b, init=None, batch_ndim=0)`` (or ``solver(matvec, b)``)
+    solves ``A x = b``, where ``matvec`` maps a pytree with the structure of ``b`` to
+    another such pytree and must be linear; ``x`` has the structure of ``b`` and ``info``
+    is a :class:`~implicitgrad.LinearSolveInfo` whose ``status`` is a :class:`Status`.
+    A preconditioner receives and returns pytrees with the structure of ``b``.
+
+    A new solver implements :meth:`solve_leaves`, the same solve on the flat list of
+    ``b``'s tensor leaves, and builds its info with
+    :meth:`LinearSolveInfo.from_residual <implicitgrad.LinearSolveInfo.from_residual>`.
+    :func:`~implicitgrad.implicit_solve` also accepts a plain callable
+    ``linear_solver(matvec, b) -> x`` or ``-> (x, info)`` on pytrees.
     """
 
     #: Whether the solver assumes a symmetric matrix (CG, MINRES).
     symmetric: bool = False
 
-    def __call__(
-        self,
-        matvec: Callable,
-        b,
-        *,
-        x0=None,
-        batch_ndim: int = 0,
-    ) -> Tuple[object, LinearSolveInfo]:
+    def __call__(self, matvec: Callable, b: Any, *, init: Any = None, batch_ndim: int = 0,
+                 **deprecated: Any) -> Tuple[Any, LinearSolveInfo]:
+        """Same as :meth:`solve`; the keyword ``x0`` is a deprecated name of ``init``."""
+        if "x0" in deprecated:
+            warnings.warn(
+                f"{type(self).__name__}(matvec, b, x0=...): the initial guess is now called init; "
+                "x0 stays accepted for now. Pass init=... instead.",
+                DeprecationWarning,
+                stacklevel=user_stacklevel(),
+            )
+            init = deprecated.pop("x0") if init is None else init
+        if deprecated:
+            raise TypeError(f"{type(self).__name__}: unexpected keyword(s) {sorted(deprecated)}.")
+        return self.solve(matvec, b, init=init, batch_ndim=batch_ndim)
+
+    def solve(self, matvec: Callable, b: Any, *, init: Any = None,
+              batch_ndim: int = 0) -> Tuple[Any, LinearSolveInfo]:
         """Solve ``A x = b`` where ``A`` is given by ``matvec``.
 
         Args:
             matvec: the linear map ``v ↦ A v`` on pytrees shaped like ``b``.
             b: right-hand side, a Tensor or a pytree of Tensors.
-            x0: optional initial guess with the structure of ``b``.
+            init: optional initial guess with the structure of ``b`` (default 0).
             batch_ndim: number of leading dimensions of every leaf that index
-                independent systems.
+                independent systems (block-diagonal ``A``; per-system step sizes and
+                stopping).
 
         Returns:
-            ``(solution, info)`` with ``solution`` structured like ``b`` and a
-            :class:`~implicitgrad.LinearSolveInfo`.
+            ``(x, info)`` with ``x`` structured like ``b`` and a
+            :class:`~implicitgrad.LinearSolveInfo`. Systems whose data hold NaN/Inf get a
+            NaN solution.
         """
         leaves, spec = tree_flatten(b)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
             raise TypeError("b must be a Tensor or a pytree whose leaves are all Tensors.")
-        init = None if x0 is None else tree_flatten(x0)[0]
-
-        def flat_matvec(v: Vector) -> Vector:
-            out = tree_flatten(matvec(tree_unflatten(v, spec)))[0]
-            if len(out) != len(v):
-                raise ValueError("matvec must return a pytree with the structure of b.")
-            return out
-
-        solution, info = self.solve(
-            flat_matvec, leaves, x0=init, batch_ndim=batch_ndim, spec=spec
-        )
+        layout = PytreeLayout(spec)
+        flat_matvec = layout.wrap(matvec, "matvec's output")
+        start = None if init is None else layout.flatten(init, "init")
+        solution, info = self.solve_leaves(flat_matvec, leaves, init=start, batch_ndim=batch_ndim,
+                                           layout=layout)
         solution = propagate_nonfinite(flat_matvec, leaves, solution, info, batch_ndim)
-        return tree_unflatten(solution, spec), info
+        return layout.unflatten(solution), info
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
-        """Solve on flat lists of tensors; ``spec`` is the pytree structure of ``b``
-        (for callables such as preconditioners that take pytrees)."""
+        """:meth:`solve` on the flat list of ``b``'s tensor leaves; ``layout`` says where
+        they sit in the pytree a preconditioner receives."""
         raise NotImplementedError
 
     def _finish(
@@ -168,27 +186,14 @@ class LinearSolver:
         rel_residual: torch.Tensor,
         tol: float,
         status: Optional[str],
-        fixes: dict,
     ) -> LinearSolveInfo:
-        """Turn the final per-system residuals into one :class:`LinearSolveInfo`."""
-        res = float(rel_residual.max()) if rel_residual.numel() else 0.0
-        if status is None:
-            if not math.isfinite(res):
-                status = "nonfinite"
-            elif res <= tol:
-                status = "converged"
-            else:
-                status = "max_iterations"
-        converged = status == "converged"
-        message = "" if converged else fixes.get(status, "").format(res=res, tol=tol)
-        return LinearSolveInfo(
-            iterations=iterations,
-            residual=res,
-            converged=converged,
-            status=status,
-            message=message,
-            solver=type(self).__name__,
-        )
+        """The info of this solver from its final per-system relative residuals."""
+        return LinearSolveInfo.from_residual(rel_residual, tol, iterations=iterations, status=status,
+                                             solver=type(self).__name__)
+
+
+#: What ``implicit_solve`` accepts as ``linear_solver``.
+LinearSolverLike = Union[LinearSolver, Callable[..., Any]]
 
 
 class IterativeSolver(LinearSolver):
@@ -240,24 +245,12 @@ class SymmetricIterativeSolver(IterativeSolver):
             return matvec
         return lambda v: [o + damping * t for o, t in zip(matvec(v), v)]
 
-    def _flat_preconditioner(self, spec) -> Matvec:
-        """The preconditioner on flat lists of leaves; it receives the pytree ``spec``
-        describes (a ``TreeSpec`` or a :class:`PytreeLayout`; the flat list itself when
-        there is none)."""
+    def _flat_preconditioner(self, layout: Optional[PytreeLayout], b: Vector) -> Matvec:
+        """The preconditioner on flat lists of leaves; it receives the pytree ``layout``
+        describes (that of ``b``; a list of tensors for a solve called on leaves alone)."""
         if self.preconditioner is None:
             return lambda v: v
-        m = self.preconditioner
-        if spec is None:
-            return lambda v: list(m(v))
-        layout = spec if isinstance(spec, PytreeLayout) else PytreeLayout(spec)
-        return layout.wrap(m)
-
-
-NONFINITE_FIX = (
-    "Non-finite values appeared in the linear solve: check the inner solution and the "
-    "parameters for NaN/Inf, and that the objective is twice differentiable at x*."
-)
-
+        return (layout or PytreeLayout(tree_flatten(list(b))[1])).wrap(self.preconditioner)
 
 
 class PytreeLayout:
@@ -289,28 +282,37 @@ class PytreeLayout:
             full[i] = t
         return tree_unflatten(full, self.spec)
 
-    def flatten(self, tree: Any) -> Vector:
+    def flatten(self, tree: Any, what: str = "the preconditioner's output") -> Vector:
+        """The tensor leaves of ``tree``, which must have this layout's structure."""
         leaves, spec = tree_flatten(tree)
         if self.index is None or spec != self.spec:
             tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
             expected = len(leaves) if self.index is None else len(self.index)
             if len(tensors) != expected or (self.index is None and spec != self.spec):
                 raise ValueError(
-                    f"the preconditioner returned a pytree of structure {spec}; return one "
-                    f"with the structure of its argument, {self.spec}."
+                    f"{what} is a pytree of structure {spec}; it must have the structure of "
+                    f"b, {self.spec}."
                 )
             return tensors
         return [leaves[i] for i in self.index]
 
-    def wrap(self, fn: Callable[[Any], Any]) -> Matvec:
+    def wrap(self, fn: Callable[[Any], Any], what: str = "the preconditioner's output") -> Matvec:
         """``fn`` on pytrees as a function on flat lists of (batched) leaves."""
 
         def flat(v: Vector) -> Vector:
-            return self.flatten(fn(self.unflatten(v)))
+            return self.flatten(fn(self.unflatten(v)), what)
 
         for _ in range(self.batch_ndim):
             flat = torch.func.vmap(flat)
         return flat
+
+    def wrap_tree(self, fn: Callable[[Vector], Vector]) -> Callable[[Any], Any]:
+        """``fn`` on flat lists of leaves as a function on pytrees of this layout."""
+
+        def tree(v: Any) -> Any:
+            return self.unflatten(fn(self.flatten(v, "the vector given to matvec")))
+
+        return tree
 
 
 def nonfinite_systems(
@@ -343,9 +345,61 @@ def propagate_nonfinite(
     undefined derivative into a wrong finite number. The systems whose ``b``, solution or
     product ``A x`` hold NaN/Inf get NaN (all of them if none can be told apart).
     """
-    if info.status != "nonfinite" and math.isfinite(info.residual):
+    if info.status is not Status.NONFINITE and math.isfinite(info.residual):
         return poison(x, nonfinite_systems(None, b, None, batch_ndim), batch_ndim)
     bad = nonfinite_systems(matvec, b, x, batch_ndim)
     if not bool(bad.any()):
         bad = torch.ones_like(bad)
     return poison(x, bad, batch_ndim)
+
+
+def run_linear_solver(
+    solver: Any, matvec: Matvec, b: Vector, *, batch_ndim: int, layout: PytreeLayout
+) -> Tuple[Vector, LinearSolveInfo]:
+    """Any accepted linear solver on flat leaves: an :class:`LinearSolver`, or a plain
+    callable ``solver(matvec, b) -> x`` or ``-> (x, info)`` on pytrees shaped like ``b``.
+
+    A plain callable knows nothing of a batch of systems: under ``batch_ndim`` it is
+    called once per system, on that system's block of ``A`` (one product of the batched
+    ``matvec`` per product it asks for). When it returns ``x`` alone, its relative
+    residual is measured (one product) and held to the dtype's default tolerance.
+    """
+    if isinstance(solver, LinearSolver):
+        if "spec" in inspect.signature(solver.solve).parameters:
+            # A subclass written against the flat ``solve(matvec, b, x0, batch_ndim, spec)``.
+            return solver.solve(matvec, b, x0=None, batch_ndim=batch_ndim, spec=layout)
+        return solver.solve_leaves(matvec, b, batch_ndim=batch_ndim, layout=layout)
+    if batch_ndim == 0:
+        return _run_callable(solver, matvec, b, layout)
+    batch = b[0].shape[:batch_ndim]
+    size = math.prod(batch)
+    flat_b = [t.reshape(size, *t.shape[batch_ndim:]) for t in b]
+    one = PytreeLayout(layout.spec, layout.template)
+
+    def block(i: int) -> Matvec:
+        def product(v: Vector) -> Vector:
+            full = [torch.zeros_like(t).index_copy(0, torch.tensor([i], device=t.device), vi.unsqueeze(0))
+                    for t, vi in zip(flat_b, v)]
+            out = matvec([t.reshape(*batch, *t.shape[1:]) for t in full])
+            return [o.reshape(size, *o.shape[batch_ndim:])[i] for o in out]
+        return product
+
+    results = [_run_callable(solver, block(i), [t[i] for t in flat_b], one) for i in range(size)]
+    x = [torch.stack(column).reshape(*batch, *column[0].shape) for column in zip(*(r[0] for r in results))]
+    infos = [r[1] for r in results]
+    worst = max(infos, key=lambda info: (not info.converged, info.residual))
+    return x, dataclasses.replace(worst, iterations=sum(info.iterations for info in infos))
+
+
+def _run_callable(solver: Callable, matvec: Matvec, b: Vector, layout: PytreeLayout) -> Tuple[Vector, LinearSolveInfo]:
+    name = getattr(solver, "__name__", type(solver).__name__)
+    out = solver(layout.wrap_tree(matvec), layout.unflatten(b))
+    info = None
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], LinearSolveInfo):
+        out, info = out
+    x = layout.flatten(out, f"the solution of linear_solver {name}")
+    if info is None:
+        residual = [bi - ai for bi, ai in zip(b, matvec(x))]
+        rel = safe_div(norm(residual, 0), norm(b, 0))
+        info = LinearSolveInfo.from_residual(rel, default_tol(b[0].dtype), iterations=1, solver=name)
+    return x, info

@@ -8,9 +8,9 @@ import torch
 
 from .._diagnostics import LinearSolveInfo
 from ._base import (
-    NONFINITE_FIX,
     IterativeSolver,
     Matvec,
+    PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
     axpy,
@@ -100,26 +100,26 @@ class BiCGStab(IterativeSolver):
     def __repr__(self) -> str:
         return f"BiCGStab(maxiter={self.maxiter}, tol={self.tol})"
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
-        precond = self._flat_preconditioner(spec)
+        precond = self._flat_preconditioner(layout, b)
         eps = torch.finfo(b[0].dtype).eps
         b_norm = norm(b, batch_ndim)
         threshold = tol * b_norm
         used = 0
-        if x0 is None:
+        if init is None:
             x = [torch.zeros_like(t) for t in b]
             r = list(b)
         else:
-            x = [t.clone() for t in x0]
+            x = [t.clone() for t in init]
             r = _residual(matvec, b, x)
             used = 1
         true_norm = norm(r, batch_ndim)
@@ -165,7 +165,7 @@ class BiCGStab(IterativeSolver):
             x = [select(nonfinite, torch.full_like(t, float("nan")), t) for t in x]
         elif any_broken:
             status = "breakdown"
-        info = self._finish(used, safe_div(true_norm, b_norm), tol, status, _FIXES)
+        info = self._finish(used, safe_div(true_norm, b_norm), tol, status)
         return x, info
 
 
@@ -240,16 +240,3 @@ class _State:
         reported = torch.where(full, new_norm, torch.where(go, s_norm, r_norm))
         return x, half & go, rho_bad, omega_bad & ~half, reported
 
-
-_FIXES = {
-    "max_iterations": (
-        "BiCGStab did not reach tol={tol:.1e} (relative residual {res:.2e}). Increase maxiter, "
-        "pass a preconditioner, or use GMRES (a minimal residual at every step)."
-    ),
-    "breakdown": (
-        "BiCGStab broke down at relative residual {res:.2e} (tol={tol:.1e}): ρ = ⟨r̂₀, r⟩ ≈ 0 "
-        "or ⟨r̂₀, A p̂⟩ ≈ 0 (the shadow residual became orthogonal to the Krylov vectors) or ω ≈ 0 "
-        "(the stabilising step stagnated). Use GMRES, which does not break down on a non-singular matrix."
-    ),
-    "nonfinite": NONFINITE_FIX,
-}

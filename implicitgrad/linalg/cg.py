@@ -8,8 +8,8 @@ import torch
 
 from .._diagnostics import LinearSolveInfo
 from ._base import (
-    NONFINITE_FIX,
     Matvec,
+    PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
     axpy,
@@ -55,7 +55,7 @@ class CG(SymmetricIterativeSolver):
     The residual of CG is not monotone, and on a matrix that is not positive definite an
     iterate can be worse than the initial guess. CG therefore returns, per system, the
     iterate of lowest residual it met — the initial guess included (``x = 0``, relative
-    residual 1, without ``x0``) — and reports that iterate's residual. It stops a system
+    residual 1, without ``init``) — and reports that iterate's residual. It stops a system
     early in three cases, returning that best iterate:
 
     * ``"negative_curvature"``: a search direction with ``pᵀ A p ≤ 0`` that proves ``A``
@@ -89,27 +89,27 @@ class CG(SymmetricIterativeSolver):
         1952.
     """
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
         op = self._damped(matvec)
-        precond = self._flat_preconditioner(spec)
+        precond = self._flat_preconditioner(layout, b)
         if batch_ndim == 0:
-            return self._solve_single(op, precond, b, x0, tol, every)
+            return self._solve_single(op, precond, b, init, tol, every)
         b_norm = norm(b, batch_ndim)
         threshold = tol * b_norm
-        if x0 is None:
+        if init is None:
             x = [torch.zeros_like(t) for t in b]
             r = [t.clone() for t in b]
         else:
-            x = [t.clone() for t in x0]
+            x = [t.clone() for t in init]
             r = [bi - ai for bi, ai in zip(b, op(x))]
         z = precond(r)
         p = list(z)
@@ -164,21 +164,21 @@ class CG(SymmetricIterativeSolver):
                 status = "singular" if bool((singular | ~negative).all()) else "negative_curvature"
             elif any_diverging:
                 status = "diverging"
-        info = self._finish(iterations, safe_div(best_res, b_norm), tol, status, _FIXES)
+        info = self._finish(iterations, safe_div(best_res, b_norm), tol, status)
         return best_x, info
 
-    def _solve_single(self, op, precond, b, x0, tol, every) -> Tuple[Vector, LinearSolveInfo]:
+    def _solve_single(self, op, precond, b, init, tol, every) -> Tuple[Vector, LinearSolveInfo]:
         """One system: the same iterates with fused updates, no per-system masks, and the
         non-finite, negative-curvature, divergence and convergence checks read in one
         host sync."""
         plain = self.preconditioner is None
         b_norm = _flat_dot(b, b).sqrt()
         threshold2 = (tol * b_norm) ** 2
-        if x0 is None:
+        if init is None:
             x = [torch.zeros_like(t) for t in b]
             r = [t.clone() for t in b]
         else:
-            x = [t.clone() for t in x0]
+            x = [t.clone() for t in init]
             r = [bi - ai for bi, ai in zip(b, op(x))]
         z = r if plain else precond(r)
         p = [t.clone() for t in z]
@@ -236,7 +236,7 @@ class CG(SymmetricIterativeSolver):
             curvature.p_index = k + 1
             rz = rz_new
         rel = safe_div(best_rr.clamp_min(0).sqrt(), b_norm)
-        return best_x, self._finish(iterations, rel, tol, status, _FIXES)
+        return best_x, self._finish(iterations, rel, tol, status)
 
 
 class _Curvature:
@@ -294,34 +294,3 @@ def _flat_dot(a: Vector, b: Vector) -> torch.Tensor:
         raise ValueError("_flat_dot: the vectors have no tensor leaves.")
     return total
 
-
-_FIXES = {
-    "max_iterations": (
-        "CG did not reach tol={tol:.1e} (relative residual {res:.2e}). Increase maxiter, "
-        "add damping to improve the conditioning, or pass a preconditioner."
-    ),
-    "negative_curvature": (
-        "CG met negative curvature (pᵀAp ≤ 0) and returned its best iterate, relative "
-        "residual {res:.2e} (tol={tol:.1e}): the matrix is not positive definite, so x is "
-        "not a strict local minimum (or the inner solve stopped early). For a symmetric "
-        "indefinite matrix use MINRES; otherwise add damping (e.g. CG(damping=1e-3)) or "
-        "solve the inner problem further (a more converged x)."
-    ),
-    "singular": (
-        "CG met a direction p with A p ≈ 0 (zero curvature, pᵀAp ≈ 0, below rounding relative "
-        "to ‖A‖): the matrix is singular, and the right-hand side has a component in its null "
-        "space, so the system has no solution (or no unique one). CG returned its best "
-        "iterate, relative residual {res:.2e} (tol={tol:.1e}). The inner problem does not "
-        "determine x* uniquely (e.g. a flat direction of the objective): add regularisation "
-        "to it (e.g. an L2 term), or damping (e.g. CG(damping=1e-3)) for the gradient of a "
-        "regularised problem; ig.Exact gives the minimum-norm solution."
-    ),
-    "diverging": (
-        "CG diverged: the residual grew above 1e2 × the best one met, and CG returned its "
-        "best iterate, relative residual {res:.2e} (tol={tol:.1e}). The matrix is "
-        "indefinite, singular or very badly conditioned: for a symmetric indefinite matrix use "
-        "MINRES; otherwise add damping (e.g. CG(damping=1e-3)), pass a preconditioner, or "
-        "solve the inner problem further (a more converged x)."
-    ),
-    "nonfinite": NONFINITE_FIX,
-}

@@ -8,7 +8,7 @@ import torch
 
 from .._diagnostics import LinearSolveInfo
 from .._validation import check_count
-from ._base import LinearSolver, Matvec, Vector, poison, safe_div, working_dtype
+from ._base import LinearSolver, Matvec, PytreeLayout, Vector, poison, safe_div, working_dtype
 
 #: Columns of the matrix formed per vectorised call of ``matvec``.
 CHUNK = 256
@@ -89,14 +89,14 @@ class Exact(LinearSolver):
             columns = torch.stack([column(eye[i]) for i in range(n)])
         return columns.movedim(0, -1)
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         batch_shape = b[0].shape[:batch_ndim]
         source = working_dtype(b[0].dtype)
@@ -138,7 +138,7 @@ class Exact(LinearSolver):
             status = "ill_conditioned"
         else:
             status = "converged"
-        info = self._finish(n, rel, bound, status, _FIXES)
+        info = self._finish(n, rel, bound, status)
         flat = poison([solution.squeeze(-1)], nonfinite, batch_ndim)[0].to(b[0].dtype)
         out, offset = [], 0
         for t in b:
@@ -210,22 +210,3 @@ def _sigma_min(solve_t, a: torch.Tensor, zero_pivot: torch.Tensor) -> torch.Tens
     sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))
     return torch.where(zero_pivot, torch.zeros_like(sigma), sigma)
 
-
-_FIXES = {
-    "singular": (
-        "The matrix is numerically singular (smallest singular value at most n·ε times the "
-        "largest, relative residual {res:.2e}): the optimality condition does not determine "
-        "x* uniquely, so the implicit gradient is not defined. The minimum-norm least-squares "
-        "solution was used. Add regularisation to the inner problem (e.g. an L2 term), or "
-        "use CG(damping=...) for the gradient of a regularised problem."
-    ),
-    "ill_conditioned": (
-        "The dense factorisation lost accuracy: its backward error exceeds {tol:.1e} "
-        "(relative residual {res:.2e}) although the matrix is not singular. Rescale the "
-        "variables or the problem, or compute in float64."
-    ),
-    "nonfinite": (
-        "Non-finite values in the dense matrix or right-hand side: the solution is NaN. "
-        "Check x* and the parameters for NaN/Inf."
-    ),
-}

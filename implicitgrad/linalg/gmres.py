@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .._diagnostics import LinearSolveInfo
-from ._base import NONFINITE_FIX, IterativeSolver, Matvec, Vector
+from ._base import IterativeSolver, Matvec, PytreeLayout, Vector
 
 
 class GMRES(IterativeSolver):
@@ -34,7 +34,7 @@ class GMRES(IterativeSolver):
 
     **Budget.** ``maxiter`` bounds every ``matvec`` call of the solve: the Arnoldi steps
     of all cycles, the product that measures the true residual :math:`b - A x` after each
-    cycle (which also starts the next cycle), and the initial residual when ``x0`` is
+    cycle (which also starts the next cycle), and the initial residual when ``init`` is
     given. A cycle gets ``min(restart, remaining budget − 1)`` steps, so that its true
     residual can still be measured; ``info.iterations`` counts all products.
 
@@ -86,14 +86,14 @@ class GMRES(IterativeSolver):
     def __repr__(self) -> str:
         return f"GMRES(maxiter={self.maxiter}, restart={self.restart}, tol={self.tol})"
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
         pack, unpack = _packing(b, batch_ndim)
@@ -105,11 +105,11 @@ class GMRES(IterativeSolver):
         b_norm = torch.linalg.vector_norm(rhs, dim=1)
         threshold = tol * b_norm
         used = 0
-        if x0 is None:
+        if init is None:
             x = torch.zeros_like(rhs)
             r = rhs
         else:
-            x = pack(x0).clone()
+            x = pack(init).clone()
             r = rhs - op(x)
             used = 1
         r_norm = torch.linalg.vector_norm(r, dim=1)
@@ -148,7 +148,7 @@ class GMRES(IterativeSolver):
         elif bool(broken.any()):
             status = "breakdown"
         rel = r_norm / torch.where(b_norm == 0, torch.ones_like(b_norm), b_norm)
-        return unpack(x), self._finish(used, rel, tol, status, _FIXES)
+        return unpack(x), self._finish(used, rel, tol, status)
 
 
 def _packing(b: Vector, batch_ndim: int) -> Tuple[Callable[[Vector], torch.Tensor], Callable[[torch.Tensor], Vector]]:
@@ -262,19 +262,3 @@ def _first(flags: torch.Tensor, default: int) -> torch.Tensor:
     """Per row, the index of the first ``True`` (``default`` when there is none)."""
     return torch.where(flags.any(dim=1), flags.to(torch.int64).argmax(dim=1), default)
 
-
-_FIXES = {
-    "max_iterations": (
-        "GMRES did not reach tol={tol:.1e} (relative residual {res:.2e}). Increase maxiter "
-        "or restart (a larger Krylov space per cycle), or check that the Jacobian is "
-        "well conditioned at x (solve the inner problem further)."
-    ),
-    "breakdown": (
-        "GMRES broke down at relative residual {res:.2e} (tol={tol:.1e}): a cycle ended on an "
-        "invariant Krylov subspace without reducing the residual, so the matrix is singular "
-        "(or nearly) and the right-hand side is not in its range. Solve the inner problem "
-        "further (a Jacobian that is singular at x), or use Exact for the least-squares "
-        "solution."
-    ),
-    "nonfinite": NONFINITE_FIX,
-}

@@ -8,8 +8,8 @@ import torch
 
 from .._diagnostics import LinearSolveInfo
 from ._base import (
-    NONFINITE_FIX,
     Matvec,
+    PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
     axpy,
@@ -88,30 +88,30 @@ class MINRES(SymmetricIterativeSolver):
         1975.
     """
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
         op = self._damped(matvec)
         plain = self.preconditioner is None
-        precond = self._flat_preconditioner(spec)
+        precond = self._flat_preconditioner(layout, b)
 
         def residual_norm(x: Vector) -> torch.Tensor:
             return norm([bi - ai for bi, ai in zip(b, op(x))], batch_ndim)
 
         b_norm = norm(b, batch_ndim)
         threshold = tol * b_norm
-        if x0 is None:
+        if init is None:
             x = [torch.zeros_like(t) for t in b]
             r1 = list(b)
         else:
-            x = [t.clone() for t in x0]
+            x = [t.clone() for t in init]
             r1 = [bi - ai for bi, ai in zip(b, op(x))]
         y = r1 if plain else precond(r1)
         beta_sq = dot(r1, y, batch_ndim)
@@ -213,7 +213,7 @@ class MINRES(SymmetricIterativeSolver):
                 status = "breakdown"
         else:
             rel = safe_div(phibar, b_norm)
-        return x, self._finish(iterations + measured, rel, tol, status, _FIXES)
+        return x, self._finish(iterations + measured, rel, tol, status)
 
 
 def _reciprocal(t: torch.Tensor) -> torch.Tensor:
@@ -225,25 +225,3 @@ def _flags(phibar: torch.Tensor, done: torch.Tensor) -> List[bool]:
     """``[any residual non-finite, every system done]`` in one host read."""
     return torch.stack([~torch.isfinite(phibar).all(), done.all()]).tolist()
 
-
-_FIXES = {
-    "max_iterations": (
-        "MINRES did not reach tol={tol:.1e} (relative residual {res:.2e}). Increase maxiter, "
-        "or pass a symmetric positive definite preconditioner (e.g. the inverse of the "
-        "absolute diagonal of the matrix); damping also improves the conditioning."
-    ),
-    "preconditioner_not_spd": (
-        "The preconditioner is not positive definite: rᵀ M r < 0 was met, and MINRES stopped "
-        "at relative residual {res:.2e} (tol={tol:.1e}). MINRES needs a symmetric positive "
-        "definite M even for an indefinite matrix: use e.g. the inverse of the absolute "
-        "diagonal, or no preconditioner."
-    ),
-    "breakdown": (
-        "MINRES broke down at measured relative residual {res:.2e} (tol={tol:.1e}): the "
-        "Krylov space is exhausted, or the residual recurrence lost track of the residual. "
-        "The matrix is singular (or nearly) and the right-hand side is not in its range. Add "
-        "damping (e.g. MINRES(damping=1e-3)) for the solution of a regularised system, or use "
-        "Exact for the least-squares solution."
-    ),
-    "nonfinite": NONFINITE_FIX,
-}

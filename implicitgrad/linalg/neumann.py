@@ -9,9 +9,9 @@ import torch
 from .._diagnostics import LinearSolveInfo
 from .._validation import check_positive_number
 from ._base import (
-    NONFINITE_FIX,
     IterativeSolver,
     Matvec,
+    PytreeLayout,
     Vector,
     norm,
     safe_div,
@@ -70,25 +70,25 @@ class Neumann(IterativeSolver):
     def __repr__(self) -> str:
         return f"Neumann(maxiter={self.maxiter}, alpha={self.alpha}, tol={self.tol})"
 
-    def solve(
+    def solve_leaves(
         self,
         matvec: Matvec,
         b: Vector,
         *,
-        x0: Optional[Vector] = None,
+        init: Optional[Vector] = None,
         batch_ndim: int = 0,
-        spec=None,
+        layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
         alpha = self.alpha
         b_norm = norm(b, batch_ndim)
-        if x0 is None:
+        if init is None:
             term = list(b)
             total = [torch.zeros_like(t) for t in b]
         else:
-            # Continue the series from x0: the remaining error solves A e = b - A x0.
-            term = [bi - ai for bi, ai in zip(b, matvec(list(x0)))]
-            total = [t / alpha for t in x0]
+            # Continue the series from init: the remaining error solves A e = b - A init.
+            term = [bi - ai for bi, ai in zip(b, matvec(list(init)))]
+            total = [t / alpha for t in init]
         status = None
         iterations = 0
         t_norm = norm(term, batch_ndim)
@@ -110,19 +110,6 @@ class Neumann(IterativeSolver):
                 if bool((t_norm <= tol * b_norm).all()):
                     break
         x = [alpha * s for s in total]
-        info = self._finish(iterations, safe_div(t_norm, b_norm), tol, status, _FIXES)
+        info = self._finish(iterations, safe_div(t_norm, b_norm), tol, status)
         return x, info
 
-
-_FIXES = {
-    "max_iterations": (
-        "The Neumann series did not reach tol={tol:.1e} (relative residual {res:.2e}); it "
-        "converges like ρ(I − αA)^K. Increase maxiter, increase alpha (keeping "
-        "alpha < 2/λ_max), or use CG, which converges much faster on the same products."
-    ),
-    "diverged": (
-        "The Neumann series diverged (relative residual {res:.2e}): alpha is too large, "
-        "ρ(I − αA) ≥ 1. Use alpha < 2/λ_max(A) (e.g. the inner learning rate), or CG."
-    ),
-    "nonfinite": NONFINITE_FIX,
-}
