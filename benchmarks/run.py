@@ -16,7 +16,12 @@ Sections (``--only`` selects some):
 * ``krylov`` — each Krylov solver's time per iteration against its bare matrix-vector
   product, and its products to a relative residual of 1e-8: CG and MINRES on a Hessian,
   GMRES and BiCGStab on a deep-equilibrium backward (one system, and one per sample) and
-  on a 2,000-unknown root problem (:mod:`bench_krylov`).
+  on a 2,000-unknown root problem (:mod:`bench_krylov`);
+* ``deq`` — ``ig.nn.DEQ`` against torchdeq on one fixed-point layer: forward iterations and
+  time to a relative residual of 1e-6, backward time, gradients against a dense reference
+  (:mod:`bench_deq`);
+* ``qp`` — ``ig.qp_solve`` against qpth and cvxpylayers on 64 QPs: forward and backward time,
+  gradients against each other and central differences (:mod:`bench_qp`).
 
 Usage (from the repository root)::
 
@@ -50,7 +55,7 @@ from _timing import machine_info, machine_line  # noqa: E402
 
 import implicitgrad as ig  # noqa: E402
 
-SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov")
+SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov", "deq", "qp")
 METHOD_LABELS = {
     "imaml": "iMAML (implicitgrad)",
     "maml": "MAML (implicitgrad unrolled)",
@@ -214,6 +219,52 @@ def table_rows(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                       "of a loop of the same number of bare matvec calls on distinct inputs; products include "
                       "GMRES's restart residuals and every solver's final measured residual."],
         }
+    tables.update(layer_tables(results))
+    return tables
+
+
+def _ratio(summary: Dict[str, Any], key: str) -> str:
+    value = summary["ratios"].get(key)
+    return "n/a (peer not installed)" if value is None else f"{value:.2f}"
+
+
+def layer_tables(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The DEQ and QP layer tables (sections ``deq`` and ``qp``)."""
+    tables: Dict[str, Dict[str, Any]] = {}
+    if "deq" in results:
+        deq = results["deq"]
+        rows = []
+        for name in deq["iterations"]:
+            rows.append([name, str(deq["iterations"][name]), f"{deq['relative_residuals'][name]:.1e}",
+                         _ms(deq["median_s"][f"{name} forward"]), _ms(deq["median_s"][f"{name} backward"]),
+                         f"{deq['gradient_errors'][name]:.1e}"])
+        notes = [f"{deq['description']}; median of {results['settings']['reps']} interleaved rounds. "
+                 f"implicitgrad / torchdeq: forward {_ratio(deq, 'implicitgrad forward/torchdeq forward')}, "
+                 f"backward {_ratio(deq, 'implicitgrad backward/torchdeq backward')}.",
+                 "Approximate backward modes of ig.nn.DEQ, relative error of the gradient against the dense "
+                 "reference: " + ", ".join(f"{k.split()[-1]} {v:.1e}" for k, v in deq["gradient_errors"].items()
+                                           if " " in k) + "."]
+        tables["Deep equilibrium layer (vs torchdeq)"] = {
+            "header": ["library", "forward iterations", "max relative residual", "forward", "backward",
+                       "gradient rel. error vs dense"], "rows": rows, "notes": notes}
+    if "qp" in results:
+        qp = results["qp"]
+        names = ["implicitgrad"] + qp["peers"]
+        rows = [[name, _ms(qp["median_s"][f"{name} forward"]), _ms(qp["median_s"][f"{name} backward"]),
+                 "1" if name == "implicitgrad" else _ratio(qp, f"implicitgrad forward/{name} forward"),
+                 "1" if name == "implicitgrad" else _ratio(qp, f"implicitgrad backward/{name} backward")]
+                for name in names]
+        pairs = "; ".join(f"{pair} {value:.1e} ({'met' if value <= 1e-6 else 'missed'})"
+                          for pair, value in qp["check"]["pairs"].items() if "central" not in pair)
+        fd = qp["check"]["pairs"]["implicitgrad vs central differences"]
+        notes = [f"{qp['description']}; median of {results['settings']['reps']} interleaved rounds; "
+                 f"{qp['iterations']} interior-point iterations.",
+                 f"Gradients (p, G, h), max relative difference (target ≤ 1e-6): {pairs}. Central differences "
+                 f"along 3 random directions: {fd:.1e}. "
+                 f"Solutions: max difference {qp['check']['solution_max_diff']:.1e}."]
+        tables["Batched QP layer (vs qpth, cvxpylayers)"] = {
+            "header": ["library", "forward", "backward", "implicitgrad / it, forward", "implicitgrad / it, backward"],
+            "rows": rows, "notes": notes}
     return tables
 
 
@@ -375,6 +426,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         import bench_krylov
 
         results["krylov"] = bench_krylov.run(device, args.quick, args.reps, args.warmup, progress=say)
+    for section in ("deq", "qp"):
+        if section in args.only:
+            module = __import__(f"bench_{section}")
+            results[section] = module.run(device, args.quick, args.reps, args.warmup, progress=say)
 
     results["checks"] = _checks(results)
     results["checks_ok"] = all(c["ok"] for c in results["checks"].values())
@@ -401,7 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _peers() -> Dict[str, Optional[str]]:
     peers = {}
-    for name in ("torchopt", "higher"):
+    for name in ("torchopt", "higher", "torchdeq", "qpth", "cvxpylayers"):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -422,6 +477,9 @@ def _checks(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         checks["batched"] = results["batched"]["check"]
     for name, case in results.get("krylov", {}).get("cases", {}).items():
         checks[f"krylov/{name}"] = case["check"]
+    for section in ("deq", "qp"):
+        if section in results:
+            checks[section] = results[section]["check"]
     return checks
 
 

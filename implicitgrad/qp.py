@@ -377,9 +377,26 @@ def _newton(kkt: _KKT, G, s, lam, rd, rpi, rpe, rc):
     return dz, -rpi - _mv(G, dz), dlam, dnu
 
 
+def _step(Q, G, A, s, lam, rd, rpi, rpe):
+    """Mehrotra's step for a batch: ``(α dz, α ds, α dλ, α dν)`` (zero where it failed) and where it is finite."""
+    m = s.shape[-1]
+    kkt = _KKT(Q, G, A, lam, s)
+    mu = (s * lam).sum(-1, keepdim=True) / max(m, 1)
+    dz, ds, dlam, dnu = _newton(kkt, G, s, lam, rd, rpi, rpe, -s * lam)
+    if m:  # the corrector, centred by σ = (μ_aff / μ)³
+        alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).unsqueeze(-1)
+        mu_aff = ((s + alpha * ds) * (lam + alpha * dlam)).sum(-1, keepdim=True) / m
+        sigma = (mu_aff / mu.clamp_min(torch.finfo(s.dtype).tiny)).clamp(0, 1) ** 3
+        dz, ds, dlam, dnu = _newton(kkt, G, s, lam, rd, rpi, rpe, -s * lam - ds * dlam + sigma * mu)
+    alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp_max(1.0).unsqueeze(-1)
+    ok = torch.isfinite(torch.cat([dz, ds, dlam, dnu], -1)).all(-1) & ~kkt.singular
+    alpha = torch.where(ok.unsqueeze(-1), alpha, torch.zeros_like(alpha))
+    return tuple(alpha * torch.nan_to_num(d) for d in (dz, ds, dlam, dnu)), ok
+
+
 def _interior_point(Q, p, G, h, A, b, tol: float, maxiter: int):
     """Mehrotra's predictor-corrector method on a batch; returns the iterate, statuses and measures."""
-    B, m = p.shape[0], h.shape[-1]
+    B = p.shape[0]
     eps = torch.finfo(p.dtype).eps
     eig = torch.linalg.eigvalsh(Q)
     nonconvex = eig[:, 0] < -(eps**0.5) * eig.abs().amax(-1).clamp_min(1.0)
@@ -404,21 +421,13 @@ def _interior_point(Q, p, G, h, A, b, tol: float, maxiter: int):
         running = running & (labels == 0)
         if it == maxiter or not bool(running.any()):
             break
-        kkt = _KKT(Q, G, A, lam, s)
-        mu = (s * lam).sum(-1, keepdim=True) / max(m, 1)
-        dz, ds, dlam, dnu = _newton(kkt, G, s, lam, rd, rpi, rpe, -s * lam)
-        if m:  # Mehrotra's corrector, centred by σ = (μ_aff / μ)³
-            alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).unsqueeze(-1)
-            mu_aff = ((s + alpha * ds) * (lam + alpha * dlam)).sum(-1, keepdim=True) / m
-            sigma = (mu_aff / mu.clamp_min(torch.finfo(p.dtype).tiny)).clamp(0, 1) ** 3
-            dz, ds, dlam, dnu = _newton(kkt, G, s, lam, rd, rpi, rpe, -s * lam - ds * dlam + sigma * mu)
-        alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp_max(1.0).unsqueeze(-1)
-        finite = torch.isfinite(torch.cat([dz, ds, dlam, dnu], -1)).all(-1) & ~kkt.singular
-        labels = torch.where(running & ~finite, 4, labels)
-        running = running & finite
-        step = torch.where(running.unsqueeze(-1), alpha, torch.zeros_like(alpha))
-        z, s, lam, nu = (x + step * torch.nan_to_num(dx) for x, dx in ((z, dz), (s, ds), (lam, dlam), (nu, dnu)))
-        iterations += running.to(iterations.dtype)
+        # Only the problems still running are factored and stepped.
+        idx = running.nonzero().squeeze(-1)
+        sub = [t.index_select(0, idx) for t in (Q, G, A, s, lam, rd, rpi, rpe)]
+        step, ok = _step(*sub)
+        labels = labels.index_fill(0, idx[~ok], 4)
+        z, s, lam, nu = (x.index_add(0, idx, dx) for x, dx in zip((z, s, lam, nu), step))
+        iterations = iterations.index_add(0, idx, ok.to(iterations.dtype))
     status = ["nonconvex" if bool(nonconvex[i]) else _CODES[int(labels[i])] for i in range(B)]
     return z, s, lam, nu, status, iterations, (pres, dres, gap)
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
-SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov")
+SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov", "deq", "qp")
 
 
 def _run(args, tmp_path: Path, env=None):
