@@ -436,7 +436,7 @@ class QPFunction(torch.autograd.Function):
     """``z* = qp(Q, p, G, h, A, b)`` with the KKT backward of :func:`qp_solve`."""
 
     @staticmethod
-    def forward(settings: _Settings, Q, p, G, h, A, b):  # type: ignore[override]
+    def forward(settings: _Settings, Q, p, G, h, A, b):
         Q = 0.5 * (Q + Q.transpose(-1, -2))
         z, s, lam, nu, status, iterations, (pres, dres, gap) = _interior_point(
             Q, p, G, h, A, b, settings.tol, settings.maxiter)

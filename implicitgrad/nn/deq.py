@@ -209,11 +209,12 @@ class DEQ(nn.Module):
         if not isinstance(z0, torch.Tensor) or z0.ndim == 0 or z0.shape[0] != x.shape[0]:
             got = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
             raise ValueError(f"DEQ: z0 must be a Tensor with the batch size of x ({x.shape[0]}), got {got}.")
-        params = dict(self.f.named_parameters())
-        z_star, stats = self._solve(z0.detach(), x.detach(), {k: v.detach() for k, v in params.items()})
+        params: Dict[str, torch.Tensor] = dict(self.f.named_parameters())
+        detached = {k: v.detach() for k, v in params.items()}
+        z_star, stats = self._solve(z0.detach(), x.detach(), detached)
         implicit = self.backward_mode == "implicit" and torch.is_grad_enabled()
         z, solve_info = self._attach(z_star, stats, z0.detach(), x if implicit else x.detach(),
-                                     params if implicit else {k: v.detach() for k, v in params.items()})
+                                     params if implicit else detached)
         if torch.is_grad_enabled() and self.backward_mode == "phantom":
             tau = self.phantom_damping
             for _ in range(self.phantom_steps):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -88,19 +88,19 @@ class QP(nn.Module):
         self.eps = check_positive_number("eps", eps, "QP")
         check_on_failure(on_failure)
         self.tol, self.maxiter, self.on_failure = tol, maxiter, on_failure
-        factory = {"dtype": dtype or torch.get_default_dtype()}
+        dt = dtype or torch.get_default_dtype()
         if "Q" in self.learn:
-            self.L = nn.Parameter(torch.eye(n, **factory))
+            self.L = nn.Parameter(torch.eye(n, dtype=dt))
         if "p" in self.learn:
-            self.p = nn.Parameter(torch.zeros(n, **factory))
+            self.p = nn.Parameter(torch.zeros(n, dtype=dt))
         if "G" in self.learn:
-            self.G = nn.Parameter(torch.randn(n_ineq, n, **factory) / n**0.5)
+            self.G = nn.Parameter(torch.randn(n_ineq, n, dtype=dt) / n**0.5)
         if "h" in self.learn:
-            self.h = nn.Parameter(torch.ones(n_ineq, **factory))
+            self.h = nn.Parameter(torch.ones(n_ineq, dtype=dt))
         if "A" in self.learn:
-            self.A = nn.Parameter(torch.randn(n_eq, n, **factory) / n**0.5)
+            self.A = nn.Parameter(torch.randn(n_eq, n, dtype=dt) / n**0.5)
         if "b" in self.learn:
-            self.b = nn.Parameter(torch.zeros(n_eq, **factory))
+            self.b = nn.Parameter(torch.zeros(n_eq, dtype=dt))
         self.last_info: Optional[QPInfo] = None
 
     def extra_repr(self) -> str:
@@ -119,12 +119,12 @@ class QP(nn.Module):
                     value = getattr(self, term)
             out[term] = value
         ref = next((t for t in out.values() if t is not None), None)
-        factory = {"dtype": ref.dtype if ref is not None else torch.get_default_dtype(),
-                   "device": ref.device if ref is not None else None}
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        device = ref.device if ref is not None else None
         if out["Q"] is None:
-            out["Q"] = torch.eye(self.n, **factory)
+            out["Q"] = torch.eye(self.n, dtype=dtype, device=device)
         if out["p"] is None:
-            out["p"] = torch.zeros(self.n, **factory)
+            out["p"] = torch.zeros(self.n, dtype=dtype, device=device)
         for pair, rows, count in ((("G", "h"), self.n_ineq, "n_ineq"), (("A", "b"), self.n_eq, "n_eq")):
             missing = [t for t in pair if out[t] is None]
             if rows and missing:
@@ -145,6 +145,7 @@ class QP(nn.Module):
         """Solve the batch of problems; terms given here override learned ones (shapes as in
         :func:`~implicitgrad.qp_solve`, with or without a leading batch dimension)."""
         t = self.terms(Q=Q, p=p, G=G, h=h, A=A, b=b)
-        z, self.last_info = qp_solve(t["Q"], t["p"], t["G"], t["h"], t["A"], t["b"], tol=self.tol,
+        Q_, p_ = cast(torch.Tensor, t["Q"]), cast(torch.Tensor, t["p"])  # terms() fills both in
+        z, self.last_info = qp_solve(Q_, p_, t["G"], t["h"], t["A"], t["b"], tol=self.tol,
                                      maxiter=self.maxiter, on_failure=self.on_failure, return_info=True)
         return z
