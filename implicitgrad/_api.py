@@ -8,9 +8,10 @@ from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union
 import torch
 
 from ._diagnostics import SolveInfo, check_on_failure
-from ._forward import call_solver
-from ._functions import ImplicitSolve, host_readable
-from ._problem import Problem
+from ._forward import Options, call_solver
+from ._functions import ImplicitSolve
+from ._linear import host_readable
+from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
 from ._validation import check_positive_number
 from .linalg import CG, GMRES
@@ -129,11 +130,9 @@ def implicit_solve(
     optimality_mapping = getattr(solver, "optimality_mapping", None)
     if callable(optimality_mapping):
         return _solve("mapping", optimality_mapping(objective), x0, params, solver,
-                      linear_solver or GMRES(), mode, on_failure, return_info, forward_tol)
-    return _solve(
-        "objective", objective, x0, params, solver, linear_solver or CG(), mode, on_failure,
-        return_info, forward_tol,
-    )
+                      linear_solver, mode, on_failure, return_info, forward_tol)
+    return _solve("objective", objective, x0, params, solver, linear_solver, mode, on_failure,
+                  return_info, forward_tol)
 
 
 @overload
@@ -181,10 +180,8 @@ def root_solve(
         >>> x.backward(); round(a.grad.item(), 6)   # d sqrt(a)/da = 1/(2 sqrt(a))
         0.25
     """
-    return _solve(
-        "residual", residual, x0, params, solver, linear_solver or GMRES(), mode, on_failure,
-        return_info, forward_tol,
-    )
+    return _solve("residual", residual, x0, params, solver, linear_solver, mode, on_failure,
+                  return_info, forward_tol)
 
 
 @overload
@@ -237,10 +234,8 @@ def fixed_point_solve(
         from .solvers import AndersonAcceleration
 
         solver = AndersonAcceleration()
-    return _solve(
-        "mapping", mapping, x0, params, solver, linear_solver or GMRES(), mode, on_failure,
-        return_info, forward_tol,
-    )
+    return _solve("mapping", mapping, x0, params, solver, linear_solver, mode, on_failure,
+                  return_info, forward_tol)
 
 
 def implicit(
@@ -278,8 +273,6 @@ def implicit(
             f"the decorated function's output satisfies); got {[k for k, _ in given] or 'none'}."
         )
     kind, fn = given[0]
-    kind = {"objective": "objective", "residual": "residual", "mapping": "mapping"}[kind]
-    default = CG() if kind == "objective" else GMRES()
 
     def decorate(fit: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(fit):
@@ -290,10 +283,8 @@ def implicit(
 
         @functools.wraps(fit)
         def wrapper(x0: Any, *params: Any, return_info: bool = False) -> Any:
-            return _solve(
-                kind, fn, x0, params, solver, linear_solver or default, "implicit",
-                on_failure, return_info, forward_tol,
-            )
+            return _solve(kind, fn, x0, params, solver, linear_solver, "implicit", on_failure,
+                          return_info, forward_tol)
 
         return wrapper
 
@@ -302,6 +293,11 @@ def implicit(
 
 def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, linear_solver: Any,
            mode: str, on_failure: str, return_info: bool, forward_tol: Optional[float]) -> Any:
+    """Check the arguments, build the condition once (``BUILDERS[kind]``), and solve.
+
+    The default linear solver is CG for a condition that is symmetric by construction (an
+    objective's Hessian), GMRES otherwise.
+    """
     if not callable(fn):
         raise TypeError(f"The {kind} must be callable as {kind}(x, *params), got {type(fn).__name__}.")
     if solver is None or not callable(solver):
@@ -309,7 +305,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
             "solver must be a callable solver(fn, x0, *params) -> x, e.g. "
             "ig.solvers.GradientDescent(lr=0.1, maxiter=500) or a closed form."
         )
-    if isinstance(linear_solver, type) or not callable(linear_solver):
+    if linear_solver is not None and (isinstance(linear_solver, type) or not callable(linear_solver)):
         raise TypeError(
             "linear_solver must be an ig linear solver such as ig.CG(), ig.GMRES(), "
             "ig.Neumann() or ig.Exact() (an instance), or a callable linear_solver(matvec, b) "
@@ -336,22 +332,22 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     _check_complex(x_leaves, p_leaves)
     _check_inputs(x_tensors, p_tensors)
 
+    cond = BUILDERS[kind](fn, Codec(x_spec, tuple(x_leaves), p_spec, tuple(p_leaves)))
+    if linear_solver is None:
+        linear_solver = CG() if cond.symmetric else GMRES()
+    options = Options(solver, linear_solver, on_failure, forward_tol)
     info = SolveInfo()
-    problem = Problem(
-        kind=kind, fn=fn, x_spec=x_spec, x_template=list(x_leaves), params_spec=p_spec,
-        params_template=list(p_leaves), solver=solver, linear_solver=linear_solver,
-        on_failure=on_failure, info=info, forward_tol=forward_tol,
-    )
     if mode == "unrolled":
-        x = _unrolled(problem, x_tensors, p_tensors)
+        x = _unrolled(cond, options, info, x_tensors, p_tensors)
     else:
-        x = ImplicitSolve.apply(problem, len(x_tensors), *x_tensors, *p_tensors)
-    out = problem.x_tree(list(x))
+        x = ImplicitSolve.apply(cond, options, info, len(x_tensors), *x_tensors, *p_tensors)
+    out = cond.codec.x_tree(list(x))
     return (out, info) if return_info else out
 
 
-def _unrolled(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor]) -> List[torch.Tensor]:
-    solver = problem.solver
+def _unrolled(cond: Condition, options: Options, info: SolveInfo, x0: List[torch.Tensor],
+              p: List[torch.Tensor]) -> List[torch.Tensor]:
+    solver = options.solver
     if not getattr(solver, "unrollable", False):
         raise ValueError(
             f"mode='unrolled' differentiates through the iterations of a built-in solver "
@@ -359,11 +355,12 @@ def _unrolled(problem: Problem, x0: List[torch.Tensor], p: List[torch.Tensor]) -
             f"{type(solver).__name__} cannot be unrolled. Use mode='implicit'."
         )
     with torch.enable_grad():
-        x, iterations, message = call_solver(problem, list(x0), list(p))
-    problem.info.forward_iterations = iterations
-    problem.info.forward_message = message
-    problem.info.forward_residual = problem.residual_norm([t.detach() for t in x], p)
-    problem.info.forward_status = "unrolled"
+        x, iterations, message = call_solver(cond, solver, list(x0), list(p))
+    info.forward_iterations = iterations
+    info.forward_message = message
+    info.forward_residual = float(cond.residual_norms([t.detach() for t in x], p, options.on_failure)
+                                  .square().sum().sqrt())
+    info.forward_status = "unrolled"
     return x
 
 

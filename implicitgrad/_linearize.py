@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Optional, Tuple, cast
 
 import torch
 
+from ._problem import Condition
 from .linalg._base import dot
 
 
@@ -44,11 +45,24 @@ def _grad(outputs, inputs, cotangents, create_graph: bool) -> List[torch.Tensor]
         )
 
 
+def linearize(cond: Condition, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor],
+              p_needs: Sequence[bool], differentiable: bool):
+    """The condition's Jacobian products at ``(x, θ)``.
+
+    ``differentiable=False``: plain autograd on detached copies, the graph of ``F`` built
+    once (first-order backward, the fast path). ``True``: built with ``torch.func`` so the
+    products are themselves differentiable in ``x``, ``θ`` and every tensor the caller
+    closes over (higher order, ``torch.func`` transforms).
+    """
+    cls = FuncLinearization if differentiable else AutogradLinearization
+    return cls(cond, list(x), list(p), list(p_needs))
+
+
 class AutogradLinearization:
     """First-order products on one graph of ``F`` (see module docstring)."""
 
-    def __init__(self, problem, x, p, p_needs) -> None:
-        self.problem = problem
+    def __init__(self, cond: Condition, x, p, p_needs) -> None:
+        self.cond = cond
         self.p_needs = p_needs
         with torch.enable_grad():
             self.x = [t.detach().requires_grad_(True) for t in x]
@@ -56,11 +70,7 @@ class AutogradLinearization:
                 t.detach().requires_grad_(True) if need and t.is_floating_point() else t.detach()
                 for t, need in zip(p, p_needs)
             ]
-            if problem.kind == "objective":
-                value = problem.objective_value(self.x, self.p)
-                self.F = _grad([value], self.x, [torch.ones_like(value)], create_graph=True)
-            else:
-                self.F = problem.condition_from_output(problem.call(self.x, self.p), self.x)
+            self.F = cond.on_graph(self.x, self.p)[0]
         self._dual: Optional[List[torch.Tensor]] = None
 
     def rmatvec(self, u: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -68,8 +78,8 @@ class AutogradLinearization:
         return _grad(self.F, self.x, u, create_graph=False)
 
     def matvec(self, z: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """``(∂ₓF) z`` (equal to ``rmatvec`` for an objective: the Hessian is symmetric)."""
-        if self.problem.kind == "objective":
+        """``(∂ₓF) z`` (``rmatvec`` when ``A`` is symmetric by construction: a Hessian)."""
+        if self.cond.symmetric:
             return self.rmatvec(z)
         return self.jvp(z, None)
 
@@ -103,8 +113,8 @@ class AutogradLinearization:
 class FuncLinearization:
     """Differentiable products built with ``torch.func`` (see module docstring)."""
 
-    def __init__(self, problem, x, p, p_needs) -> None:
-        self.problem = problem
+    def __init__(self, cond: Condition, x, p, p_needs) -> None:
+        self.cond = cond
         self.p_needs = p_needs
         self.x = list(x)
         self.p = list(p)
@@ -116,16 +126,13 @@ class FuncLinearization:
         return [next(it) if need else t for t, need in zip(self.p, self.p_needs)]
 
     def condition(self, x: List[torch.Tensor], pn: List[torch.Tensor]) -> List[torch.Tensor]:
-        problem, p = self.problem, self._merge(pn)
-        if problem.kind == "objective":
-            return list(torch.func.grad(lambda xx: problem.objective_value(xx, p))(x))
-        return problem.condition_from_output(problem.call(x, p), x)
+        return self.cond(x, self._merge(pn))
 
     def rmatvec(self, u: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         return list(self._vjp(list(u))[0])
 
     def matvec(self, z: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        if self.problem.kind == "objective":
+        if self.cond.symmetric:
             return self.rmatvec(z)
         return self.jvp(z, None)
 
@@ -143,7 +150,7 @@ class FuncLinearization:
 
     def _op_at(self, x, pn, z, transpose: bool):
         """``Op(x, θ) z`` as a function of ``(x, θ)``: ``Aᵀ z`` or ``A z``."""
-        if transpose or self.problem.kind == "objective":
+        if transpose or self.cond.symmetric:
             return list(torch.func.vjp(self.condition, x, pn)[1](list(z))[0])
         return list(torch.func.jvp(lambda xx: self.condition(xx, pn), (x,), (list(z),))[1])
 

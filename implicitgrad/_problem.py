@@ -1,85 +1,70 @@
-"""The inner problem as the autograd Functions see it: flat tensors in, flat tensors out.
+"""The optimality condition ``F(x, θ) = 0``, built once at the API boundary.
 
-A :class:`Problem` holds the user's function, its kind (objective, residual or
-mapping), the pytree structure of ``x`` and of the parameters, the inner and linear
-solvers, and the :class:`SolveInfo` to report into. It exposes the optimality condition
-``F(x, θ) = 0`` and its linearisation at a point:
+Three builders make a :class:`Condition` from what the user wrote; they are the only
+place that knows which form it came from:
 
-=============  ======================  ==========================
-kind           ``F(x, θ)``             ``A = ∂ₓF``
-=============  ======================  ==========================
-objective      ``∇ₓ f(x, θ)``          ``∇²ₓ f`` (symmetric)
-residual       ``F(x, θ)``             Jacobian of ``F``
-mapping        ``x − T(x, θ)``         ``I − ∂ₓT``
-=============  ======================  ==========================
+=========================  ======================  =======================  ===========
+builder                    ``F(x, θ)``             ``A = ∂ₓF``              symmetric
+=========================  ======================  =======================  ===========
+:func:`objective`          ``∇ₓ f(x, θ)``          ``∇²ₓ f``                yes
+:func:`residual`           ``F(x, θ)``             Jacobian of ``F``        no
+:func:`mapping`            ``x − T(x, θ)``         ``I − ∂ₓT``              no
+=========================  ======================  =======================  ===========
 
-Under ``torch.func.vmap`` a problem is *batched*: its function is vmapped over a
-leading dimension of every leaf, the condition becomes block diagonal and the linear
-solvers treat that dimension as independent systems (``batch_ndim``).
+A condition acts on flat lists of tensor leaves; its :class:`Codec` turns them back into
+the pytrees the user's function takes. Under ``torch.func.vmap`` a condition is
+*batched* (:meth:`Condition.batched`): the user's function is vmapped over a leading
+dimension of every leaf, ``A`` becomes block diagonal, and ``batch_ndim`` tells the
+linear solvers how many leading dimensions index independent systems.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Callable, List, Optional, Set, cast
+from typing import Any, Callable, List, Optional, Set, Tuple, cast
 
 import torch
 
-from ._diagnostics import SolveInfo, report
+from ._diagnostics import report
 from ._tree import TreeSpec, describe, tree_flatten, tree_unflatten
 
-KINDS = ("objective", "residual", "mapping")
+Leaves = List[torch.Tensor]
 
 
-@dataclasses.dataclass
-class Problem:
-    kind: str
-    fn: Callable  # fn(x_pytree, *params) as the user wrote it
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """Where the flat tensor leaves sit in the pytrees of ``x`` and of the params."""
+
     x_spec: TreeSpec
-    x_template: List[Any]  # leaves of x0; tensor positions are filled from flat lists
+    x_template: Tuple[Any, ...]  # leaves of x0; tensor positions are filled from flat lists
     params_spec: TreeSpec
-    params_template: List[Any]
-    solver: Any
-    linear_solver: Any
-    on_failure: str
-    info: SolveInfo
-    forward_tol: Optional[float]
-    batch_ndim: int = 0
-    parent: Optional[Problem] = None
+    params_template: Tuple[Any, ...]
 
-    # ------------------------------------------------------------------ structure
-    @property
-    def x_index(self) -> List[int]:
-        return [i for i, t in enumerate(self.x_template) if isinstance(t, torch.Tensor)]
-
-    @property
-    def params_index(self) -> List[int]:
-        return [i for i, t in enumerate(self.params_template) if isinstance(t, torch.Tensor)]
+    @staticmethod
+    def _fill(template: Sequence[Any], tensors: Sequence[torch.Tensor]) -> List[Any]:
+        leaves, it = list(template), iter(tensors)
+        return [next(it) if isinstance(t, torch.Tensor) else t for t in leaves]
 
     def x_tree(self, x: Sequence[torch.Tensor]) -> Any:
-        leaves = list(self.x_template)
-        for i, t in zip(self.x_index, x):
-            leaves[i] = t
-        return tree_unflatten(leaves, self.x_spec)
+        return tree_unflatten(self._fill(self.x_template, x), self.x_spec)
 
     def params_tree(self, p: Sequence[torch.Tensor]) -> tuple:
-        leaves = list(self.params_template)
-        for i, t in zip(self.params_index, p):
-            leaves[i] = t
-        return tree_unflatten(leaves, self.params_spec)
+        return tree_unflatten(self._fill(self.params_template, p), self.params_spec)
 
-    def x_leaves(self, tree: Any, what: str) -> List[torch.Tensor]:
+    def x_leaves(self, tree: Any, what: str) -> Leaves:
         """Tensor leaves of a pytree that must have the structure of ``x0``."""
         leaves, spec = tree_flatten(tree)
         if spec != self.x_spec:
             raise ValueError(
                 f"{what} has structure {describe(spec, leaves)}, but x0 has "
-                f"{describe(self.x_spec, self.x_template)}. Return x with the structure of x0."
+                f"{describe(self.x_spec, list(self.x_template))}. Return x with the structure of x0."
             )
         out = []
-        for i in self.x_index:
-            t, ref = leaves[i], self.x_template[i]
+        for i, ref in enumerate(self.x_template):
+            if not isinstance(ref, torch.Tensor):
+                continue
+            t = leaves[i]
             if not isinstance(t, torch.Tensor) or t.shape != ref.shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(
@@ -89,78 +74,81 @@ class Problem:
             out.append(t.to(ref.dtype) if t.dtype != ref.dtype else t)
         return out
 
-    # ------------------------------------------------------------------ evaluation
+    def with_x(self, x: Sequence[torch.Tensor]) -> Codec:
+        """The same layout with new tensor leaves of ``x`` (shapes the solution is checked against)."""
+        return dataclasses.replace(self, x_template=tuple(self._fill(self.x_template, x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """``F(x, θ)`` on flat tensor leaves, and what the rules need to know about it.
+
+    Attributes:
+        name: the form the user wrote (``"objective"``, ``"residual"``, ``"mapping"``),
+            for messages.
+        matrix: how ``A = ∂ₓF`` reads in messages.
+        symmetric: whether ``A`` is symmetric by construction (a Hessian).
+        fn: the user's function on pytrees.
+        codec: the pytree layout of ``x`` and the params.
+        builder: the builder that made this condition (to rebuild it batched).
+        batch_ndim: leading dimensions of every leaf that index independent problems.
+        parent: the unbatched condition this one vmaps, ``None`` if not batched.
+    """
+
+    name: str
+    matrix: str
+    symmetric: bool
+    fn: Callable[..., Any]
+    codec: Codec
+    builder: Callable[[Callable[..., Any], Codec], Condition]
+    graph: Callable[[Leaves, Leaves], Tuple[Leaves, Leaves]]
+    func: Callable[[Leaves, Leaves], Leaves]
+    combine: Callable[[Any], Any] = lambda out: out  # noqa: E731 - how vmapped outputs combine
+    batch_ndim: int = 0
+    parent: Optional[Condition] = None
+
     def call(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> Any:
-        return self.fn(self.x_tree(x), *self.params_tree(p))
+        """The user's function at flat ``(x, θ)``."""
+        return self.fn(self.codec.x_tree(x), *self.codec.params_tree(p))
 
-    def condition_from_output(self, out: Any, x: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """``F`` for residual and mapping kinds, from the user's output."""
-        leaves = self.x_leaves(out, f"the {self.kind} output")
-        if self.kind == "mapping":
-            return [xi - ti for xi, ti in zip(x, leaves)]
-        return leaves
+    def on_graph(self, x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+        """``F`` built with a graph on ``x`` (tensors that require grad), and the outputs of
+        the user's function it came from."""
+        return self.graph(x, p)
 
-    def objective_value(self, x, p) -> torch.Tensor:
-        value = self.call(x, p)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"objective must return a scalar Tensor, got {shape}. Reduce it (e.g. .sum() "
-                "or .mean()); for a system of equations use ig.root_solve(residual, ...)."
-            )
-        if not value.is_floating_point():
-            raise ValueError(
-                f"The objective does not depend on x: it returned a tensor of dtype {value.dtype}, "
-                "which has no gradient in x. Return a floating-point scalar computed "
-                "differentiably from the x it receives (no .item(), .detach() or integer casts)."
-            )
-        return value.reshape(())
+    def __call__(self, x: Leaves, p: Leaves) -> Leaves:
+        """``F`` as a function ``torch.func`` transforms compose with."""
+        return self.func(x, p)
 
-    def residual_norm(
-        self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], check_captured: bool = True
-    ) -> float:
-        """``‖F(x, θ)‖`` (over the whole batch); optionally warns about captured tensors."""
-        return float(self.residual_norms(x, p, check_captured).square().sum().sqrt())
+    def batched(self, x: Sequence[torch.Tensor]) -> Condition:
+        """This condition vmapped over a new leading dimension of every tensor leaf; ``x``
+        are the batched leaves of the variable."""
+        flat_call, combine = self.call, self.combine
 
+        def fn_batched(x_tree: Any, *params: Any) -> Any:
+            return combine(torch.func.vmap(flat_call)(_tensor_leaves(x_tree), _tensor_leaves(params)))
+
+        out = self.builder(fn_batched, self.codec.with_x(x))
+        return dataclasses.replace(out, batch_ndim=self.batch_ndim + 1, parent=self)
+
+    # ------------------------------------------------------------------ measurement
     def residual_norms(
-        self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], check_captured: bool = True
+        self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], on_failure: str,
+        check_captured: bool = True,
     ) -> torch.Tensor:
-        """``‖F(x, θ)‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64."""
+        """``‖F(x, θ)‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in
+        float64; optionally warns about captured tensors."""
         with torch.enable_grad():
             xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
-            ps = [t.detach() for t in p]
-            if self.kind == "objective":
-                value = self.objective_value(xs, ps)
-                self._check_depends_on_x([value])
-                roots = [value]
-                cond = list(torch.autograd.grad(value, xs, allow_unused=True, materialize_grads=True))
-            else:
-                cond = self.condition_from_output(self.call(xs, ps), xs)
-                if self.kind == "residual":
-                    self._check_depends_on_x(cond)
-                roots = cond
+            cond, outputs = self.on_graph(xs, [t.detach() for t in p])
             if check_captured:
-                self._check_captured(roots, xs)
+                self._check_captured(outputs, xs, on_failure)
         with torch.no_grad():
             n = self.batch_ndim
             squares = sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in cond)
             return torch.sqrt(cast(torch.Tensor, squares))
 
-    def _check_depends_on_x(self, outputs: Sequence[torch.Tensor]) -> None:
-        """The condition must be a differentiable function of x, or ``A`` is zero."""
-        if any(o.requires_grad for o in outputs):
-            return
-        what = "value" if self.kind == "objective" else "output"
-        raise ValueError(
-            f"The {self.kind} does not depend on x: its {what} has no gradient path to x, so "
-            "the optimality condition cannot determine x* and there is nothing to "
-            "differentiate (a constant, or x used only through .detach(), .item(), .numpy() "
-            "or integer / boolean operations). Write the "
-            f"{self.kind} as a differentiable floating-point function of x, computed from the "
-            "x it receives."
-        )
-
-    def _check_captured(self, roots: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> None:
+    def _check_captured(self, roots: Sequence[torch.Tensor], own: Sequence[torch.Tensor], on_failure: str) -> None:
         """Warn when the function reaches tensors that require grad but are not params."""
         own_ids = {id(t) for t in own}
         seen: Set[Any] = set()
@@ -177,70 +165,95 @@ class Problem:
         if foreign:
             shapes = ", ".join(str(tuple(v.shape)) for v in foreign[:5])
             report(
-                f"The {self.kind} function uses {len(foreign)} tensor(s) that require grad "
+                f"The {self.name} function uses {len(foreign)} tensor(s) that require grad "
                 f"but are not among params (shapes {shapes}): they are captured from the "
                 "enclosing scope and would receive no gradient through the implicit solve. "
                 "Pass them as params (for nn.Module parameters use "
                 "torch.func.functional_call), or .detach() them if no gradient is wanted.",
-                "warn" if self.on_failure != "ignore" else "ignore",
+                "warn" if on_failure != "ignore" else "ignore",
             )
 
-    # ------------------------------------------------------------------ linearisation
-    def linearize(
-        self,
-        x: Sequence[torch.Tensor],
-        p: Sequence[torch.Tensor],
-        p_needs: Sequence[bool],
-        differentiable: bool,
-    ):
-        """The condition's Jacobian products at ``(x, θ)``.
 
-        ``differentiable=False``: plain autograd on detached copies, the graph of ``F``
-        built once (first-order backward, the fast path). ``True``: built with
-        ``torch.func`` so the products are themselves differentiable in ``x``, ``θ`` and
-        every tensor the caller closes over (higher order, ``torch.func`` transforms).
-        """
-        from ._linearize import AutogradLinearization, FuncLinearization
+# ---------------------------------------------------------------------- the three builders
+def objective(fn: Callable[..., Any], codec: Codec) -> Condition:
+    """``F = ∇ₓ f``: the condition of a minimiser of ``f(x, *params)`` (scalar)."""
 
-        cls = FuncLinearization if differentiable else AutogradLinearization
-        return cls(self, list(x), list(p), list(p_needs))
+    def value(x: Leaves, p: Leaves) -> torch.Tensor:
+        out = fn(codec.x_tree(x), *codec.params_tree(p))
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"objective must return a scalar Tensor, got {shape}. Reduce it (e.g. .sum() "
+                "or .mean()); for a system of equations use ig.root_solve(residual, ...)."
+            )
+        if not out.is_floating_point():
+            raise ValueError(
+                f"The objective does not depend on x: it returned a tensor of dtype {out.dtype}, "
+                "which has no gradient in x. Return a floating-point scalar computed "
+                "differentiably from the x it receives (no .item(), .detach() or integer casts)."
+            )
+        return out.reshape(())
 
-    # ------------------------------------------------------------------ batching
-    def batched(self, x: Sequence[torch.Tensor]) -> Problem:
-        """This problem vmapped over a new leading dimension of every tensor leaf.
+    def graph(x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+        v = value(x, p)
+        _require_dependence("objective", "value", [v])
+        grads = torch.autograd.grad(v, x, create_graph=True, allow_unused=True, materialize_grads=True)
+        return list(grads), [v]
 
-        ``x`` are the batched tensor leaves of the variable (they set the shapes the
-        batched problem checks solutions against).
-        """
-        kind, flat_call = self.kind, self.call
+    def func(x: Leaves, p: Leaves) -> Leaves:
+        return list(torch.func.grad(lambda xx: value(xx, p))(x))
 
-        def fn_batched(x_tree, *params):
-            out = torch.func.vmap(flat_call)(_tensor_leaves(x_tree), _tensor_leaves(params))
-            return out.sum() if kind == "objective" else out
+    return Condition("objective", "∇²ₓf", True, fn, codec, objective, graph, func, combine=_sum)
 
-        template = list(self.x_template)
-        for i, t in zip(self.x_index, x):
-            template[i] = t
 
-        batched = Problem(
-            kind=self.kind,
-            fn=fn_batched,
-            x_spec=self.x_spec,
-            x_template=template,
-            params_spec=self.params_spec,
-            params_template=self.params_template,
-            solver=self.solver,
-            linear_solver=self.linear_solver,
-            on_failure=self.on_failure,
-            info=self.info,
-            forward_tol=self.forward_tol,
-            batch_ndim=self.batch_ndim + 1,
-            parent=self,
-        )
-        return batched
+def residual(fn: Callable[..., Any], codec: Codec) -> Condition:
+    """``F`` as the user wrote it: the condition of a root of ``residual(x, *params)``."""
 
-    def record(self, info) -> None:
-        self.info.record(info)
+    def func(x: Leaves, p: Leaves) -> Leaves:
+        return codec.x_leaves(fn(codec.x_tree(x), *codec.params_tree(p)), "the residual output")
+
+    def graph(x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+        out = func(x, p)
+        _require_dependence("residual", "output", out)
+        return out, out
+
+    return Condition("residual", "∂ₓF", False, fn, codec, residual, graph, func)
+
+
+def mapping(fn: Callable[..., Any], codec: Codec) -> Condition:
+    """``F = x − T(x, θ)``: the condition of a fixed point of ``mapping(x, *params)``."""
+
+    def func(x: Leaves, p: Leaves) -> Leaves:
+        t = codec.x_leaves(fn(codec.x_tree(x), *codec.params_tree(p)), "the mapping output")
+        return [xi - ti for xi, ti in zip(x, t)]
+
+    def graph(x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+        out = func(x, p)
+        return out, out
+
+    return Condition("mapping", "I − ∂ₓT", False, fn, codec, mapping, graph, func)
+
+
+#: The builders by the keyword that names them in ``@ig.implicit(objective=...)``.
+BUILDERS = {"objective": objective, "residual": residual, "mapping": mapping}
+
+
+def _sum(out: torch.Tensor) -> torch.Tensor:
+    return out.sum()
+
+
+def _require_dependence(name: str, what: str, outputs: Sequence[torch.Tensor]) -> None:
+    """The condition must be a differentiable function of x, or ``A`` is zero."""
+    if any(o.requires_grad for o in outputs):
+        return
+    raise ValueError(
+        f"The {name} does not depend on x: its {what} has no gradient path to x, so "
+        "the optimality condition cannot determine x* and there is nothing to "
+        "differentiate (a constant, or x used only through .detach(), .item(), .numpy() "
+        "or integer / boolean operations). Write the "
+        f"{name} as a differentiable floating-point function of x, computed from the "
+        "x it receives."
+    )
 
 
 def _tensor_leaves(tree: Any) -> List[torch.Tensor]:

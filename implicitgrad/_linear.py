@@ -1,0 +1,108 @@
+"""Running the linear solver inside the rules: precision, a symmetry check, the record.
+
+float16 / bfloat16 systems are solved in float32; a solver that assumes a symmetric
+matrix is checked on a condition that is not symmetric by construction; every solve's
+:class:`LinearSolveInfo` goes to the info sink of its call, and a failed or useless solve
+is reported with the measured numbers and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+from ._compat import is_legacy_batched, is_wrapped
+from ._diagnostics import SolveInfo, report
+from ._forward import Options
+from ._problem import Condition
+from .linalg._base import PytreeLayout, product_precision, propagate_nonfinite, run_linear_solver
+
+#: Dtypes whose linear solves run in float32: their reductions lose too much precision.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host (``bool()``, ``float()``): not a
+    batched or otherwise wrapped tensor, not a meta tensor."""
+    return not (is_wrapped(t) or is_legacy_batched(t) or t.is_meta)
+
+
+def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transpose: bool,
+                 b: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Run the linear solver of ``options`` on ``A`` or ``Aᵀ``, record its info in ``sink``
+    and report its outcome.
+
+    float16 / bfloat16 systems are solved in float32 (the products stay in the problem's
+    dtype; the solver's vectors and reductions, whose sums of many rounded terms would
+    stall or overflow, do not), for every solver alike. A solve that met non-finite
+    values returns NaN for the systems concerned, never a finite guess.
+    """
+    op = lin.rmatvec if transpose else lin.matvec
+    dtype = b[0].dtype
+    n = cond.batch_ndim
+    layout = PytreeLayout(cond.codec.x_spec, list(cond.codec.x_template), n)
+    if dtype in LOW_PRECISION:
+        low_op = op
+
+        def op(v):  # noqa: F811 - the same product, computed in the problem's dtype
+            return [o.float() for o in low_op([t.to(dtype) for t in v])]
+
+        b = [t.float() for t in b]
+    with product_precision(dtype):
+        if not cond.symmetric and getattr(options.linear_solver, "symmetric", False):
+            _check_symmetric(cond, options, op, b)
+        solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout)
+    solution = [t.to(dtype) for t in propagate_nonfinite(op, b, solution, info, n)]
+    sink.record(info)
+    worse_than_zero = info.residual > 1
+    if not info.converged or worse_than_zero:
+        failures = []
+        if not info.converged:
+            failures.append("did not converge")
+        if worse_than_zero:
+            # u = 0 has relative residual 1: anything above is worse than no solve at all.
+            failures.append(
+                f"returned a solution worse than zero (relative residual {info.residual:.3e} "
+                "> 1, the residual of u = 0). For a symmetric indefinite matrix use ig.MINRES, "
+                "for a non-symmetric one ig.GMRES; or add damping, or solve the inner problem "
+                "further"
+            )
+        report(
+            f"implicit differentiation: the linear solve for the "
+            f"{'backward' if transpose else 'forward-mode'} pass {' and '.join(failures)}. {info}",
+            options.on_failure,
+        )
+    return solution
+
+
+def _check_symmetric(cond: Condition, options: Options, op: Callable, b: List[torch.Tensor]) -> None:
+    """Measures whether ``A`` is symmetric before a solver that assumes it (CG, MINRES) runs.
+
+    With ``u = b`` and a fixed, non-random probe ``w``: ``|⟨Au, w⟩ − ⟨u, Aw⟩| ≤ τ ‖Au‖‖w‖``
+    per system, ``τ = 1e3·ε`` of the dtype (products of a symmetric ``A`` agree to rounding).
+    Two products; skipped on batched tensors, whose values the host cannot read.
+    """
+    if not all(host_readable(t) for t in b):
+        return
+    n = cond.batch_ndim
+    w = [torch.sin(1.0 + 0.7548776662 * torch.arange(t.numel(), device=t.device, dtype=t.dtype)).reshape(t.shape)
+         for t in b]
+    au, aw = op(list(b)), op(w)
+
+    def inner(x, y):
+        return sum((xi * yi).reshape(*xi.shape[:n], -1).sum(-1) for xi, yi in zip(x, y))
+
+    gap = (inner(au, w) - inner(b, aw)).abs()
+    scale = inner(au, au).sqrt() * inner(w, w).sqrt()
+    tau = 1e3 * torch.finfo(b[0].dtype).eps
+    asymmetric = gap > tau * scale
+    if bool(asymmetric.any()):
+        worst = float((gap / scale.clamp_min(torch.finfo(b[0].dtype).tiny)).max())
+        report(
+            f"{type(options.linear_solver).__name__} assumes a symmetric matrix, but the {cond.name} "
+            f"condition's matrix A = {cond.matrix} is not symmetric: measured |⟨Au, w⟩ − ⟨u, Aw⟩| / (‖Au‖‖w‖) = "
+            f"{worst:.2e}. The backward solve can stop with a wrong gradient. Use linear_solver=ig.GMRES() "
+            "(or ig.BiCGStab(), or ig.Exact() for small problems).",
+            "ignore" if options.on_failure == "ignore" else "warn",
+        )
