@@ -178,10 +178,10 @@ def qp_solve(
         >>> p = torch.tensor([-1.0, -1.0], dtype=torch.float64, requires_grad=True)
         >>> G = torch.tensor([[1.0, 1.0]], dtype=torch.float64); h = torch.tensor([1.0], dtype=torch.float64)
         >>> z = ig.qp_solve(Q, p, G, h)          # projection of (1, 1) onto z1 + z2 <= 1
-        >>> z
-        tensor([0.5000, 0.5000], dtype=torch.float64, grad_fn=<QPFunctionBackward>)
-        >>> z.sum().backward(); p.grad           # moving along the constraint leaves the sum at 1
-        tensor([0., 0.], dtype=torch.float64)
+        >>> z.detach()
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+        >>> z[0].backward(); p.grad              # dz1/dp = -(I - ggᵀ/2) with g = (1, 1)
+        tensor([-0.5000,  0.5000], dtype=torch.float64)
 
     References:
         Amos and Kolter, OptNet: Differentiable Optimization as a Layer in Neural
