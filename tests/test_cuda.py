@@ -1,0 +1,148 @@
+"""What implicitgrad promises on a GPU, tested on one (every test skips without CUDA).
+
+Run them all, with a report, by ``python -m implicitgrad.testing.gpu_check``.
+
+* host synchronisations of the backward linear solves (CG, MINRES, GMRES) and of the
+  forward solves with their checks, counted with ``torch.cuda.set_sync_debug_mode``:
+  at most ``⌈iterations / check_every⌉`` plus a constant per call;
+* a fixed-iteration hypergradient captured in a CUDA graph and replayed, equal to eager;
+* the iMAML meta-step, the DEQ layer and the QP layer: the same numbers on CUDA as on
+  the CPU, to 1e-10 in float64 and 1e-5 in float32;
+* ``torch.func.vmap`` over 1,024 small problems against a Python loop (equal results;
+  both times recorded in the report);
+* iMAML's peak memory flat in the number of inner steps (and MAML's not).
+
+The computations live in ``device_cases.py``; ``test_gpu_check.py`` runs them on the CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import device_cases as cases
+import pytest
+import torch
+
+from implicitgrad.testing.syncs import count_syncs, cuda_sync_debug_mode
+
+pytestmark = pytest.mark.cuda
+
+CUDA = torch.device("cuda")
+
+
+# ------------------------------------------------------------------ host synchronisations
+def test_counter_sees_synchronisations_on_this_device():
+    """The count is not vacuous here: a device-to-host read counts, device-only work does not."""
+    x = torch.randn(1000, device=CUDA)
+    torch.cuda.synchronize()
+    with count_syncs() as quiet:
+        y = (x * 2).sin().sum()
+    with count_syncs() as loud:
+        float(y)
+        y.item()
+    assert quiet.count == 0, quiet.summary()
+    assert loud.count >= 2, loud.summary()
+
+
+@pytest.mark.parametrize("every", cases.CHECK_INTERVALS)
+@pytest.mark.parametrize("kind,name", cases.SYNC_CASES)
+def test_synchronisations_bounded(kind, name, every, record_property):
+    syncs, iterations, per_call = cases.counted(kind, name, every, CUDA, cuda_sync_debug_mode)
+    record_property("syncs", syncs.count)
+    record_property("iterations", iterations)
+    cases.check_syncs(syncs, iterations, every, per_call, f"{name} {kind}")
+
+
+# ------------------------------------------------------------------ CUDA graph
+def test_fixed_iteration_hypergradient_in_cuda_graph():
+    """20 gradient-descent steps forward and 10 CG iterations backward, captured once in a
+    CUDA graph and replayed on new hyperparameters: the gradients equal eager ones.
+
+    A capture forbids host synchronisations, so the step is first counted eagerly: a
+    failure then names each place that reads a value back to the host.
+    """
+    step, start = cases.fixed_iteration_problem(CUDA)
+    step(start.clone().requires_grad_(True))  # warm-up: kernels, cuBLAS workspace
+    torch.cuda.synchronize()
+    with count_syncs() as syncs:
+        step(start.clone().requires_grad_(True))
+    if syncs.count:
+        pytest.fail(f"the fixed-iteration hypergradient synchronises with the host {syncs.count} times, so it "
+                    f"cannot be captured in a CUDA graph. Sites:\n{syncs.summary()}")
+    static = start.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grad = step(static)
+    for shift in (0.5, -0.3, 1.2):
+        new = start + shift * torch.linspace(-1, 1, start.numel(), device=CUDA, dtype=start.dtype)
+        with torch.no_grad():
+            static.copy_(new)
+        graph.replay()
+        eager = step(new.clone().requires_grad_(True))
+        assert cases.rel_diff(static_grad, eager) <= 1e-12
+
+
+# ------------------------------------------------------------------ CUDA against the CPU
+@pytest.mark.parametrize("dtype", list(cases.DTYPES), ids=list(cases.DTYPES))
+@pytest.mark.parametrize("case", list(cases.DEVICE_CASES))
+def test_same_result_as_cpu(case, dtype, record_property):
+    dt = cases.DTYPES[dtype]
+    on_gpu = cases.DEVICE_CASES[case](CUDA, dt)
+    on_cpu = cases.DEVICE_CASES[case]("cpu", dt)
+    assert set(on_gpu) == set(on_cpu)
+    diffs = {name: cases.rel_diff(on_gpu[name], on_cpu[name]) for name in on_cpu}
+    record_property("max_rel_diff", max(diffs.values()))
+    assert all(t.device.type == CUDA.type for t in on_gpu.values())
+    bad = {name: d for name, d in diffs.items() if not d <= cases.DEVICE_RTOL[dt]}
+    assert not bad, f"{case} in {dtype}: CUDA and CPU differ by more than {cases.DEVICE_RTOL[dt]:g}: {bad}"
+
+
+# ------------------------------------------------------------------ many problems
+def test_vmap_over_1024_problems_against_a_loop(record_property):
+    """vmap and a loop of 1,024 calls give the same hypergradients; both times (median of
+    three interleaved rounds after a warm-up) go to the report, not into an assertion."""
+    problems = cases.ManyProblems(1024, CUDA)
+    by_vmap, by_loop = problems.vmapped(), problems.loop()
+    assert cases.rel_diff(by_vmap, by_loop) <= 1e-8
+    times = {"vmap": [], "loop": []}
+    for _ in range(3):
+        for name, run in (("vmap", problems.vmapped), ("loop", problems.loop)):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - begin)
+    vmap_s, loop_s = statistics.median(times["vmap"]), statistics.median(times["loop"])
+    record_property("vmap_s", vmap_s)
+    record_property("loop_s", loop_s)
+    record_property("loop_over_vmap", loop_s / vmap_s)
+
+
+# ------------------------------------------------------------------ memory
+def _peak_mib(method: str, inner_steps: int) -> float:
+    """Peak memory of one meta-step above what was allocated before it, after a warm-up."""
+    learner, tasks = cases.meta_learner(method, inner_steps, CUDA)
+    learner.meta_step(tasks)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    learner.meta_step(tasks)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def test_imaml_peak_memory_flat_in_inner_steps(record_property):
+    """iMAML at 200 inner steps within 1.25 × its peak at 10; MAML, differentiated through
+    its steps, at least doubles, which shows the measurement sees growth."""
+    peaks = {(m, t): _peak_mib(m, t) for m in ("imaml", "maml") for t in (10, 200)}
+    for (method, steps), mib in peaks.items():
+        record_property(f"{method}_T{steps}_mib", mib)
+    assert peaks["maml", 200] >= 2 * peaks["maml", 10], peaks
+    assert peaks["imaml", 200] <= 1.25 * peaks["imaml", 10], peaks
