@@ -29,6 +29,7 @@ def _tree_b():
 def test_status_is_a_str_enum_with_a_message_for_every_value():
     assert Status.CONVERGED == "converged" and f"{Status.MAX_ITERATIONS}" == "max_iterations"
     assert Status("breakdown") is Status.BREAKDOWN
+    assert repr(Status.CONVERGED) == "'converged'"  # printed as the plain strings were
     for status in Status:
         assert status in MESSAGES
         assert (MESSAGES[status] == "") is (status is Status.CONVERGED)
@@ -163,3 +164,44 @@ def test_a_class_instead_of_an_instance_is_refused():
     with pytest.raises(TypeError, match="an instance"):
         ig.implicit_solve(_quadratic, torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT),
                           solver=_closed_form, linear_solver=ig.CG)
+
+
+# --------------------------------------------------------------------------- CG: one loop, true residual
+
+
+def test_cg_labels_a_system_alike_alone_and_in_a_batch():
+    """diag(1, 2, 0) with b = 1: a giant step along the null vector; singular in both."""
+    singular = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=DT))
+    spd = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DT))
+    _, alone = ig.CG()(lambda v: singular @ v, torch.ones(3, dtype=DT))
+    mats = torch.stack([singular, spd])
+    x, batch = ig.CG()(lambda v: (mats @ v.unsqueeze(-1)).squeeze(-1), torch.ones(2, 3, dtype=DT), batch_ndim=1)
+    assert alone.status == batch.status == "singular"
+    assert rel_err(x[1], torch.linalg.solve(spd, torch.ones(3, dtype=DT))) <= 1e-12
+
+
+def test_cg_recomputes_the_true_residual_and_counts_the_products(monkeypatch):
+    monkeypatch.setattr(ig.CG, "RESIDUAL_EVERY", 4)
+    M40 = spd_matrix(40, 1e3, seed=7)
+    b = torch.randn(40, dtype=DT, generator=torch.Generator().manual_seed(8))
+    args = []
+
+    def matvec(v):
+        args.append(v.clone())
+        return M40 @ v
+
+    x, info = ig.CG(maxiter=400)(matvec, b)
+    assert info.converged and rel_err(x, torch.linalg.solve(M40, b)) <= 1e-7
+    assert len(args) == info.iterations
+    assert info.residual == pytest.approx(float((b - M40 @ x).norm() / b.norm()), rel=1e-2)
+    # The fifth product is b − A x₄: x₄ lies in the span of the four search directions
+    # before it, which a fifth search direction would not.
+    directions = torch.stack(args[:4], -1)
+    fit = directions @ torch.linalg.lstsq(directions, args[4]).solution
+    assert rel_err(fit, args[4]) <= 1e-10
+    fit_next = directions @ torch.linalg.lstsq(directions, args[5]).solution
+    assert rel_err(fit_next, args[5]) > 1e-3
+    # The budget bounds every product, the recomputations included.
+    args.clear()
+    _, short = ig.CG(maxiter=10)(matvec, b)
+    assert short.iterations == len(args) == 10 and short.status == "max_iterations"

@@ -65,7 +65,10 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch_ndim: int) -
     """Inner product per system: shape ``batch_shape`` (a 0-d tensor without batch)."""
     total = None
     for x, y in zip(a, b):
-        term = (x * y).reshape(*x.shape[:batch_ndim], -1).sum(-1)
+        if batch_ndim == 0:
+            term = torch.dot(x.reshape(-1), y.reshape(-1))  # one fused kernel for one system
+        else:
+            term = (x * y).reshape(*x.shape[:batch_ndim], -1).sum(-1)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("dot: the vectors have no tensor leaves.")
@@ -83,7 +86,7 @@ def scale(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def axpy(s: torch.Tensor, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Vector:
     """``y + s x`` leaf by leaf."""
-    return [b + scale(s, a) for a, b in zip(x, y)]
+    return [torch.addcmul(b, s.reshape(s.shape + (1,) * (a.ndim - s.ndim)), a) for a, b in zip(x, y)]
 
 
 def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ._base import (
     dot,
     norm,
     safe_div,
+    scale,
     select,
     working_dtype,
 )
@@ -89,6 +90,11 @@ class CG(SymmetricIterativeSolver):
         1952.
     """
 
+    #: CG steps between recomputations of the true residual ``b − A x`` (one product each,
+    #: counted in ``iterations``); in between, the residual follows the recursion
+    #: ``r ← r − α A p``, which drifts from the true one over long runs.
+    RESIDUAL_EVERY = 50
+
     def solve_leaves(
         self,
         matvec: Matvec,
@@ -100,80 +106,11 @@ class CG(SymmetricIterativeSolver):
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
         op = self._damped(matvec)
-        precond = self._flat_preconditioner(layout, b)
-        if batch_ndim == 0:
-            return self._solve_single(op, precond, b, init, tol, every)
-        b_norm = norm(b, batch_ndim)
-        threshold = tol * b_norm
-        if init is None:
-            x = [torch.zeros_like(t) for t in b]
-            r = [t.clone() for t in b]
-        else:
-            x = [t.clone() for t in init]
-            r = [bi - ai for bi, ai in zip(b, op(x))]
-        z = precond(r)
-        p = list(z)
-        rz = dot(r, z, batch_ndim)
-        r_norm = norm(r, batch_ndim)
-        best_x, best_res = list(x), r_norm
-        negative = torch.zeros_like(r_norm, dtype=torch.bool)
-        diverging = torch.zeros_like(negative)
-        curvature = _Curvature(r_norm)
-        status = None
-        iterations = 0
-        for k in range(1, self.maxiter + 1):
-            if k == 1 and bool((r_norm <= threshold).all()):
-                break
-            # A system that met negative curvature or diverges keeps its iterate (the step
-            # along a direction of non-positive curvature is not taken) and leaves the
-            # batch; the others go on.
-            active = (r_norm > threshold) & ~negative & ~diverging
-            ap = op(p)
-            pap = dot(p, ap, batch_ndim)
-            curvature.step(k, pap, r_norm.square(), active & ~negative & (pap <= 0))
-            negative = negative | (active & (pap <= 0))
-            alpha = torch.where(active & ~negative, safe_div(rz, pap), torch.zeros_like(rz))
-            x = axpy(alpha, p, x)
-            r = axpy(-alpha, ap, r)
-            iterations = k
-            r_norm = norm(r, batch_ndim)
-            diverging = diverging | (active & (r_norm > DIVERGENCE_FACTOR * best_res))
-            improved = r_norm < best_res
-            best_res = torch.where(improved, r_norm, best_res)
-            best_x = [select(improved, xi, bi) for xi, bi in zip(x, best_x)]
-            if k % every == 0 or k == self.maxiter:
-                nonfinite, done = torch.stack(
-                    [~torch.isfinite(r_norm).all(), ((r_norm <= threshold) | negative | diverging).all()]
-                ).tolist()
-                if nonfinite:
-                    status = "nonfinite"
-                    break
-                if done:
-                    break
-            z = precond(r)
-            rz_new = dot(r, z, batch_ndim)
-            beta = safe_div(rz_new, rz)
-            p = axpy(beta, p, z)
-            curvature.p_index = k + 1
-            rz = rz_new
-        if status is None:
-            any_negative, any_diverging = torch.stack([negative.any(), diverging.any()]).tolist()
-            if any_negative:
-                singular, products = curvature.classify(op, p, z, batch_ndim)
-                iterations += products
-                status = "singular" if bool((singular | ~negative).all()) else "negative_curvature"
-            elif any_diverging:
-                status = "diverging"
-        info = self._finish(iterations, safe_div(best_res, b_norm), tol, status)
-        return best_x, info
-
-    def _solve_single(self, op, precond, b, init, tol, every) -> Tuple[Vector, LinearSolveInfo]:
-        """One system: the same iterates with fused updates, no per-system masks, and the
-        non-finite, negative-curvature, divergence and convergence checks read in one
-        host sync."""
         plain = self.preconditioner is None
-        b_norm = _flat_dot(b, b).sqrt()
-        threshold2 = (tol * b_norm) ** 2
+        precond = self._flat_preconditioner(layout, b)
+        n = batch_ndim
+        b_norm = norm(b, n)
+        threshold2 = (tol * b_norm).square()
         if init is None:
             x = [torch.zeros_like(t) for t in b]
             r = [t.clone() for t in b]
@@ -181,62 +118,77 @@ class CG(SymmetricIterativeSolver):
             x = [t.clone() for t in init]
             r = [bi - ai for bi, ai in zip(b, op(x))]
         z = r if plain else precond(r)
-        p = [t.clone() for t in z]
-        rz = _flat_dot(r, z)
-        rr = rz if plain else _flat_dot(r, r)
-        best_x, best_rr = x, rr
-        growth2 = DIVERGENCE_FACTOR**2
-        healthy = torch.ones((), dtype=torch.bool, device=rr.device)
-        zero = torch.zeros((), dtype=rr.dtype, device=rr.device)
+        p = list(z)
+        rz = dot(r, z, n)
+        rr = rz if plain else dot(r, r, n)  # squared residual norms, per system
+        best_x, best_rr = list(x), rr
+        negative = torch.zeros_like(rr, dtype=torch.bool)
+        stopped = negative  # negative curvature or diverging: the system keeps its iterate
+        null_step = negative  # diverged by a giant step along a null vector
         curvature = _Curvature(rr)
-        status, iterations = None, 0
-        for k in range(1, self.maxiter + 1):
-            if k == 1 and bool(rr <= threshold2):
-                break
-            ap = op(p)
-            pap = _flat_dot(p, ap)
-            # No step along a direction of non-positive curvature, nor after divergence:
-            # x keeps its iterate.
-            curvature.step(k, pap, rr, healthy & (pap <= 0))
-            healthy = healthy & (pap > 0)
-            alpha = torch.where(healthy, rz / pap, zero)
-            x = [torch.addcmul(xi, alpha, pi) for xi, pi in zip(x, p)]
-            r = [torch.addcmul(ri, -alpha, ai) for ri, ai in zip(r, ap)]
-            z = r if plain else precond(r)
-            rz_new = _flat_dot(r, z)
-            rr = rz_new if plain else _flat_dot(r, r)
-            improved = rr < best_rr
-            best_rr = torch.where(improved, rr, best_rr)
-            best_x = [torch.where(improved, xi, bi) for xi, bi in zip(x, best_x)]
-            # One flag for both stops keeps the loop short; once it is down no step is taken,
-            # so a residual still above the growth bound at the check tells divergence apart.
-            healthy = healthy & (rr <= growth2 * best_rr)
-            iterations = k
-            if k % every == 0 or k == self.maxiter:
-                nonfinite, stopped, done = torch.stack(
-                    [~torch.isfinite(rr), ~healthy, rr <= threshold2]
-                ).tolist()
-                if nonfinite:
-                    status = "nonfinite"
-                    break
-                if stopped:
-                    if bool(rr > growth2 * best_rr):
-                        # A giant step along a direction of tiny positive curvature; checked
-                        # in the iteration it happened, that direction is still at hand.
-                        null = every == 1 and bool(curvature.classify(op, p, z, 0, ap=ap, current=True)[0])
-                        status = "singular" if null else "diverging"
-                    else:
-                        singular, products = curvature.classify(op, p, z, 0, ap=ap)
-                        iterations += products
-                        status = "singular" if bool(singular) else "negative_curvature"
-                    break
-                if done:
-                    break
-            p = [torch.addcmul(zi, rz_new / rz, pi) for zi, pi in zip(z, p)]
-            curvature.p_index = k + 1
-            rz = rz_new
-        rel = safe_div(best_rr.clamp_min(0).sqrt(), b_norm)
-        return best_x, self._finish(iterations, rel, tol, status)
+        status, used, step = None, 0, 0
+        growth2 = DIVERGENCE_FACTOR**2
+        zero = torch.zeros_like(rr)
+        ap = p
+        if not bool((rr <= threshold2).all()):
+            while used < self.maxiter:
+                step += 1
+                # A system that met negative curvature or diverges keeps its iterate (the step
+                # along a direction of non-positive curvature is not taken) and leaves the
+                # batch; the others go on.
+                active = (rr > threshold2) & ~stopped
+                ap = op(p)
+                used += 1
+                pap = dot(p, ap, n)
+                bad = active & (pap <= 0)
+                curvature.step(step, pap, rr, bad)
+                negative, stopped = negative | bad, stopped | bad
+                alpha = torch.where(active & ~bad, rz / pap, zero)
+                x = axpy(alpha, p, x)
+                if step % self.RESIDUAL_EVERY == 0 and used < self.maxiter:
+                    true_r = [bi - ai for bi, ai in zip(b, op(x))]
+                    used += 1
+                    r = [select(active, t, ri - scale(alpha, ai)) for t, ri, ai in zip(true_r, r, ap)]
+                else:
+                    r = axpy(-alpha, ap, r)
+                z = r if plain else precond(r)
+                rz_new = dot(r, z, n)
+                rr = rz_new if plain else dot(r, r, n)
+                grew = active & (rr > growth2 * best_rr)
+                stopped = stopped | grew
+                improved = rr < best_rr
+                best_rr = torch.where(improved, rr, best_rr)
+                best_x = [select(improved, xi, bi) for xi, bi in zip(x, best_x)]
+                if step % every == 0 or used >= self.maxiter:
+                    nonfinite, done, giant = torch.stack(
+                        [~torch.isfinite(rr).all(), ((rr <= threshold2) | stopped).all(), grew.any()]
+                    ).tolist()
+                    if nonfinite:
+                        status = "nonfinite"
+                        break
+                    if giant and every == 1:
+                        # A giant step along a direction of tiny positive curvature; checked in
+                        # the step it happened, that direction is still at hand.
+                        null_step = null_step | (grew & curvature.classify(op, p, z, n, ap=ap, current=True)[0])
+                    if done:
+                        break
+                p = axpy(safe_div(rz_new, rz), p, z)
+                curvature.p_index = step + 1
+                rz = rz_new
+        if status is None:
+            any_negative, any_stopped = torch.stack([negative.any(), stopped.any()]).tolist()
+            if any_stopped:
+                singular = torch.zeros_like(negative)
+                if any_negative:
+                    singular, products = curvature.classify(op, p, z, n, ap=ap)
+                    used += products
+                real_negative = negative & ~singular
+                real_diverging = stopped & ~negative & ~null_step
+                status = ("negative_curvature" if bool(real_negative.any()) else
+                          "diverging" if bool(real_diverging.any()) else "singular")
+        best_res = best_rr.clamp_min(0).sqrt()
+        info = self._finish(used, safe_div(best_res, b_norm), tol, status)
+        return best_x, info
 
 
 class _Curvature:
@@ -282,15 +234,3 @@ class _Curvature:
         clearly_negative = pap < -delta * scale * pp
         annihilated = apap <= delta * scale.square() * pp
         return annihilated & ~clearly_negative, products
-
-
-def _flat_dot(a: Vector, b: Vector) -> torch.Tensor:
-    """Inner product over all leaves of one system."""
-    total = None
-    for x, y in zip(a, b):
-        term = torch.dot(x.reshape(-1), y.reshape(-1))
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("_flat_dot: the vectors have no tensor leaves.")
-    return total
-
