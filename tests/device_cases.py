@@ -279,7 +279,7 @@ class ManyProblems:
         y_val = torch.sign(torch.einsum("bnd,bd->bn", X_val, w_true) + torch.randn(batch, n, **kw))
         log_lam = torch.log(torch.rand(batch, **kw) + 0.5)
         self.data = [t.to(device=device, dtype=dtype) for t in (log_lam, X, y, X_val, y_val)]
-        self.solver = ig.solvers.GradientDescent(lr=0.5, maxiter=200, tol=0)
+        self.solver = ig.solvers.GradientDescent(lr=0.5, maxiter=100, tol=0)
         self.linear_solver = ig.CG(maxiter=50)
 
     def validation_loss(self, log_lam, X, y, X_val, y_val):

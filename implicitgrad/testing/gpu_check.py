@@ -16,8 +16,8 @@ From the root of a source checkout::
 6. Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``: device, torch and CUDA
    versions, tests passed / failed / skipped, every benchmark ratio, peak memory.
 
-Tests and benchmarks each run under a time limit (:data:`TEST_TIMEOUT_S`,
-:data:`BENCHMARK_TIMEOUT_S`), so the whole command ends within 8 minutes after the
+Tests and benchmarks run under time limits (:data:`TEST_TIMEOUT_S`, then what is left
+of :data:`TOTAL_TIMEOUT_S`), so the whole command ends within 8 minutes after the
 installation. Exit status: 0 when every CUDA test passed and every benchmark check
 agreed (or when there is no CUDA device), 1 otherwise.
 """
@@ -42,7 +42,10 @@ import torch
 
 from ._gpu_plugin import RESULTS_VARIABLE
 
-#: Time limits of the two long steps, in seconds (together under 8 minutes).
+#: Time limits, in seconds: the tests stop after ``TEST_TIMEOUT_S``; the benchmarks get
+#: what the tests left of ``TOTAL_TIMEOUT_S`` and at least ``BENCHMARK_TIMEOUT_S`` (under 8
+#: minutes together).
+TOTAL_TIMEOUT_S = 450
 TEST_TIMEOUT_S = 270
 BENCHMARK_TIMEOUT_S = 180
 #: Keys of the benchmark results that hold a ratio (besides those under ``ratios``).
@@ -316,7 +319,8 @@ def main(argv: Optional[Sequence[str]] = None, gpus: Optional[List[str]] = None)
     else:
         report["tests"] = run_tests(root, out)
         if not args.skip_benchmarks:
-            report["benchmarks"] = run_benchmarks(root, out)
+            left = max(BENCHMARK_TIMEOUT_S, TOTAL_TIMEOUT_S - report["tests"]["seconds"])
+            report["benchmarks"] = run_benchmarks(root, out, timeout=left)
         ok = report["tests"]["ok"] and (report["benchmarks"] is None or report["benchmarks"]["ok"])
         report["summary"] = "passed" if ok else "FAILED"
         status = 0 if ok else 1
