@@ -7,13 +7,13 @@ from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union
 
 import torch
 
-from ._diagnostics import SolveInfo, check_on_failure
+from ._diagnostics import SolveInfo
 from ._forward import Options, call_solver
 from ._functions import ImplicitSolve
 from ._linear import host_readable
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
-from ._validation import check_positive_number
+from ._validation import check_forward_tol, check_on_failure
 from .linalg import CG, GMRES
 from .linalg._base import LinearSolverLike
 
@@ -314,8 +314,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     check_on_failure(on_failure)
-    if forward_tol is not None:
-        check_positive_number("forward_tol", forward_tol)
+    check_forward_tol(forward_tol)
 
     x_leaves, x_spec = tree_flatten(x0)
     p_leaves, p_spec = tree_flatten(tuple(params))

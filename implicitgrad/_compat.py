@@ -6,15 +6,14 @@ The rest of the library goes through the functions here; none imports ``torch._C
 ``torch.utils._pytree`` itself. When a probe is missing (another PyTorch version), its
 fallback takes the differentiable path, which is correct everywhere and only slower:
 
-=========================  =====================================  ==============================
-function                   torch internal                         fallback
-=========================  =====================================  ==============================
-:func:`is_wrapped`         ``_functorch.is_functorch_wrapped…``   ``True``: differentiable rules,
-                                                                  no host reads
-:func:`is_legacy_batched`  ``_functorch.is_legacy_batchedtensor`` ``False``: rules run batched
-:func:`unbatch_legacy` …   ``torch._remove_batch_dim`` …          not reached (no legacy tensors)
-``pytree``                 ``torch.utils._pytree``                none: ``torch.func`` needs it
-=========================  =====================================  ==============================
+* :func:`is_wrapped` (``_functorch.is_functorch_wrapped_tensor``): without it every
+  tensor counts as wrapped, so the rules take the differentiable path and skip host reads;
+* :func:`is_legacy_batched` (``_functorch.is_legacy_batchedtensor``): without it no
+  tensor counts as legacy-batched and the rules run on the batched tensors;
+* :func:`remove_legacy_batch_dim`, :func:`add_legacy_batch_dim`, :func:`legacy_vmap_level`
+  (``torch._remove_batch_dim``, ``torch._add_batch_dim``, the vmap-mode nesting level):
+  reached only for legacy-batched tensors;
+* ``pytree`` (``torch.utils._pytree``): no fallback, ``torch.func`` itself needs it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import List, Optional, Union
 import torch
 
 from ._status import Status, status_message
+from ._validation import ON_FAILURE, check_on_failure  # noqa: F401 - imported from here too
 
 __all__ = [
     "ConvergenceError",
@@ -26,7 +27,6 @@ __all__ = [
     "SolveInfo",
 ]
 
-ON_FAILURE = ("warn", "raise", "ignore")
 
 
 class ImplicitGradWarning(UserWarning):
@@ -180,12 +180,6 @@ class SolveInfo:
         ]
         lines.append(f"backward: {self.backward}" if self.backward else "backward: not run")
         return "\n".join(lines)
-
-
-def check_on_failure(on_failure: str) -> str:
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
-    return on_failure
 
 
 # Frames in these folders are the library's own (this package) or torch's.

@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from ._defaults import forward_tol as default_forward_tol
 from ._diagnostics import SolveInfo, report
 from ._problem import Condition
 
@@ -20,12 +21,6 @@ class Options:
     on_failure: str = "warn"
     forward_tol: Optional[float] = None
 
-_FORWARD_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
-
-
-def default_forward_tol(dtype: torch.dtype) -> float:
-    """Relative forward residual above which a warning is issued."""
-    return _FORWARD_TOL.get(dtype, 3e-2)
 
 
 def call_solver(

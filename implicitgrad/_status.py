@@ -17,21 +17,20 @@ __all__ = ["Status", "status_message"]
 class Status(str, enum.Enum):
     """The outcome of a linear solve. A ``str`` subclass: ``Status.CONVERGED == "converged"``.
 
-    =========================  ============================================================
-    value                      meaning
-    =========================  ============================================================
-    ``converged``              the relative residual reached ``tol``
-    ``max_iterations``         the budget ran out first
-    ``negative_curvature``     CG met ``pᵀAp ≤ 0`` with ``Ap`` far from 0: A is indefinite
-    ``singular``               A is (numerically) singular and b is not in its range
-    ``diverging``              CG: the residual grew far above its best value
-    ``diverged``               Neumann: the series grew: ``ρ(I − αA) ≥ 1``
-    ``breakdown``              a Krylov method could not extend its space (GMRES, MINRES,
-                               BiCGStab)
-    ``preconditioner_not_spd`` MINRES: the preconditioner is not positive definite
-    ``ill_conditioned``        Exact: the factorisation lost accuracy on a regular matrix
-    ``nonfinite``              NaN/Inf met in the data or the iterates
-    =========================  ============================================================
+    ============================  =========================================================
+    value                         meaning
+    ============================  =========================================================
+    ``converged``                 the relative residual reached ``tol``
+    ``max_iterations``            the budget ran out first
+    ``negative_curvature``        CG met ``pᵀAp ≤ 0`` with ``Ap`` far from 0: A is indefinite
+    ``singular``                  A is (numerically) singular and b is not in its range
+    ``diverging``                 CG: the residual grew far above its best value
+    ``diverged``                  Neumann: the series grew: ``ρ(I − αA) ≥ 1``
+    ``breakdown``                 GMRES, MINRES, BiCGStab could not extend their space
+    ``preconditioner_not_spd``    MINRES: the preconditioner is not positive definite
+    ``ill_conditioned``           Exact: the factorisation lost accuracy on a regular matrix
+    ``nonfinite``                 NaN/Inf met in the data or the iterates
+    ============================  =========================================================
     """
 
     CONVERGED = "converged"

@@ -16,8 +16,11 @@ inner ``tol``      a finite number in ``[0, 1)``, relative to
                    ``max(1, ‖condition at x0‖)``; 0 runs ``maxiter`` steps
 step sizes         finite and > 0 (``lr``, ``alpha``)
 ``damping``        finite and ≥ 0 (a shift of the linear system)
-``forward_tol``    finite and > 0
+``forward_tol``    ``None`` (the dtype's default) or finite and > 0
+``on_failure``     ``"warn"``, ``"raise"`` or ``"ignore"``
 =================  =========================================================
+
+Defaults live in :mod:`implicitgrad._defaults`.
 """
 
 from __future__ import annotations
@@ -27,13 +30,19 @@ import numbers
 from typing import Any, Optional
 
 __all__ = [
+    "ON_FAILURE",
     "SettingError",
     "check_count",
+    "check_forward_tol",
     "check_fraction",
     "check_nonnegative",
+    "check_on_failure",
     "check_positive_number",
     "check_tol",
 ]
+
+#: What a failed solve does: warn, raise ``ConvergenceError``, or stay silent.
+ON_FAILURE = ("warn", "raise", "ignore")
 
 
 class SettingError(ValueError, TypeError):
@@ -111,3 +120,15 @@ def check_fraction(name: str, value: Any, owner: Optional[str] = None) -> float:
     if not 0 < number <= 1:
         raise SettingError(f"{_prefix(owner)}{name} must be in (0, 1], got {value!r}.")
     return number
+
+
+def check_on_failure(on_failure: Any, owner: Optional[str] = None) -> str:
+    """One of :data:`ON_FAILURE`."""
+    if on_failure not in ON_FAILURE:
+        raise SettingError(f"{_prefix(owner)}on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+    return on_failure
+
+
+def check_forward_tol(value: Any, owner: Optional[str] = None) -> Optional[float]:
+    """``None`` (the dtype's default) or a finite number ``> 0``."""
+    return None if value is None else check_positive_number("forward_tol", value, owner)

@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
+from .._defaults import linear_tol
 from .._diagnostics import LinearSolveInfo, user_stacklevel
 from .._status import Status
 from .._tree import TreeSpec, tree_flatten, tree_unflatten
@@ -26,10 +27,6 @@ from .._validation import check_count, check_nonnegative, check_tol
 
 Vector = List[torch.Tensor]
 Matvec = Callable[[Vector], Vector]
-
-# float16 / bfloat16: about two units of roundoff (9.8e-4 / 7.8e-3), about the residual their
-# products allow.
-_DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 # The dtype the matrix-vector products are computed in, when coarser than the vectors'
 # (float16 products in a float32 solve): accuracy is judged by the coarser of the two.
@@ -58,7 +55,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def default_tol(dtype: torch.dtype) -> float:
     """Relative residual a solve aims for when no ``tol`` is given."""
-    return _DEFAULT_TOL.get(working_dtype(dtype), 1e-3)
+    return linear_tol(working_dtype(dtype))
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], batch_ndim: int) -> torch.Tensor:

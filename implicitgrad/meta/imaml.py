@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .._api import implicit_solve
+from .._defaults import forward_tol as default_forward_tol
 from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure, user_stacklevel
-from .._forward import default_forward_tol
 from ..linalg import CG, LinearSolver
 from ..solvers import LBFGS
 from ._base import MetaLearner, Params, Tensor, _check_tasks

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .._api import implicit_solve, root_solve
-from .._diagnostics import ON_FAILURE, SolveInfo
-from .._validation import check_positive_number
+from .._diagnostics import SolveInfo
+from .._validation import check_forward_tol, check_on_failure
 from ..linalg import LinearSolver
 
 
@@ -113,10 +113,8 @@ class ImplicitLayer(nn.Module):
                 f"{cls.__name__}: linear_solver must be an ig linear solver such as ig.CG() or "
                 f"ig.Exact(), got {linear_solver!r}."
             )
-        if on_failure not in ON_FAILURE:
-            raise ValueError(f"{cls.__name__}: on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
-        if forward_tol is not None:
-            check_positive_number("forward_tol", forward_tol, cls.__name__)
+        check_on_failure(on_failure, cls.__name__)
+        check_forward_tol(forward_tol, cls.__name__)
         self._kind = "objective" if has_objective else "residual"
         self.solver = solver
         self.linear_solver = linear_solver

@@ -8,6 +8,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union, cast
 import torch
 
 from .. import _validation as validation
+from .._defaults import inner_tol
 from .._tree import tree_flatten, tree_unflatten
 
 
@@ -143,7 +144,7 @@ def check_positive(name: str, owner: str, value, integer: bool = False) -> None:
 
 def default_tol(dtype: torch.dtype) -> float:
     """Inner tolerance (relative gradient / residual norm) when none is given."""
-    return 1e-8 if dtype == torch.float64 else 1e-4
+    return inner_tol(dtype)
 
 
 def where_leaves(mask: torch.Tensor, a: List[torch.Tensor], b: List[torch.Tensor]) -> List[torch.Tensor]:

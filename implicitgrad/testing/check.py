@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from .._api import fixed_point_solve, implicit_solve, root_solve
+from .._defaults import check_settings
 from .._tree import tree_flatten, tree_leaf_names, tree_unflatten
 from ..linalg import CG, GMRES, Exact
 from ..solvers import FixedPointIteration
@@ -63,11 +64,6 @@ _SOLVE: Dict[str, Callable[..., Any]] = {
     "objective": implicit_solve, "residual": root_solve, "mapping": fixed_point_solve,
 }
 
-# Default settings per dtype: finite-difference step, tolerances, absolute floor.
-_DEFAULTS = {
-    torch.float64: {"eps": 1e-3, "rtol": 1e-6, "fd_rtol": 1e-4, "unrolled_rtol": 1e-4, "atol": 1e-5},
-    torch.float32: {"eps": 5e-2, "rtol": 1e-3, "fd_rtol": 5e-2, "unrolled_rtol": 1e-2, "atol": 1e-3},
-}
 
 
 def outer_takes_params(outer: Callable, n_params: int) -> bool:
@@ -202,7 +198,7 @@ def check_hypergradient(
     """
     _validate(objective, solver, outer, kind, references, fd_directions)
     run_dtype = dtype if dtype is not None else _first_float_dtype(x0, params)
-    defaults = _DEFAULTS.get(run_dtype, _DEFAULTS[torch.float32])
+    defaults = check_settings(run_dtype)
     settings: Dict[str, Any] = {k: v if v is not None else defaults[k] for k, v in
                 {"eps": eps, "rtol": rtol, "fd_rtol": fd_rtol, "unrolled_rtol": unrolled_rtol,
                  "atol": atol}.items()}
