@@ -6,6 +6,11 @@ import torch
 
 import implicitgrad as ig
 
+#: The dtypes every linear solver is run in, and the transforms of a hypergradient each is
+#: run under (tests/test_matrix.py crosses the three).
+DTYPES = (torch.float64, torch.float32)
+TRANSFORMS = ("backward", "double_backward", "jvp", "vmap")
+
 #: Relative tolerance of a converged hypergradient, per dtype.
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 #: Relative tolerance of the dense reference, per dtype.

@@ -102,13 +102,18 @@ def test_negative_curvature_names_damping():
     x = ig.implicit_solve(saddle, torch.zeros(2, dtype=DT), t, solver=lambda f, x, t: torch.stack([t[0], -t[1]]))
     with pytest.warns(ig.ImplicitGradWarning, match="negative curvature.*damping"):
         x.sum().backward()
-    # GMRES and Exact handle the indefinite (but non-singular) Hessian exactly.
-    for solver in (ig.GMRES(), ig.Exact()):
-        t.grad = None
-        x = ig.implicit_solve(saddle, torch.zeros(2, dtype=DT), t, linear_solver=solver,
-                              solver=lambda f, x, t: torch.stack([t[0], -t[1]]))
-        x.sum().backward()
-        assert torch.allclose(t.grad, torch.tensor([1.0, -1.0], dtype=DT))
+
+
+@pytest.mark.parametrize("solver", [ig.GMRES(), ig.Exact()], ids=["GMRES", "Exact"])
+def test_indefinite_hessian_is_solved_exactly_by_gmres_and_exact(solver):
+    def saddle(x, t):
+        return 0.5 * (x[0] ** 2 - x[1] ** 2) - t @ x
+
+    t = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    x = ig.implicit_solve(saddle, torch.zeros(2, dtype=DT), t, linear_solver=solver,
+                          solver=lambda f, x, t: torch.stack([t[0], -t[1]]))
+    x.sum().backward()
+    assert torch.allclose(t.grad, torch.tensor([1.0, -1.0], dtype=DT))
 
 
 def test_large_forward_residual_warns_with_numbers():

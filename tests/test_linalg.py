@@ -65,13 +65,15 @@ def test_batch_of_independent_systems_equals_one_by_one(name, solver):
         assert rel_err(x[i], torch.linalg.solve(mats[i], b[i])) <= 1e-7
 
 
-def test_float32():
-    A = spd_matrix(10, 10.0, dtype=torch.float32)
+A32 = spd_matrix(10, 10.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name,solver", linear_solvers(lipschitz=float(torch.linalg.eigvalsh(A32).max())))
+def test_float32(name, solver):
     b = torch.ones(10)
-    for _, solver in linear_solvers(lipschitz=float(torch.linalg.eigvalsh(A).max())):
-        x, info = solver(lambda v: A @ v, b)
-        assert x.dtype == torch.float32
-        assert rel_err(x, torch.linalg.solve(A.double(), b.double())) <= 1e-4
+    x, info = solver(lambda v: A32 @ v, b)
+    assert x.dtype == torch.float32
+    assert rel_err(x, torch.linalg.solve(A32.double(), b.double())) <= 1e-4
 
 
 def test_cg_check_interval_does_not_change_the_solution():
@@ -118,11 +120,11 @@ def test_neumann_residual_is_the_next_series_term():
     assert info.residual == pytest.approx(float((b - A @ x).norm() / b.norm()), rel=1e-10)
 
 
-def test_zero_right_hand_side():
+@pytest.mark.parametrize("name,solver", linear_solvers(lipschitz=3.0))
+def test_zero_right_hand_side(name, solver):
     A = spd_matrix(5, 3.0)
-    for _, solver in linear_solvers(lipschitz=3.0):
-        x, info = solver(lambda v: A @ v, torch.zeros(5, dtype=DT))
-        assert info.converged and float(x.abs().max()) == 0.0
+    x, info = solver(lambda v: A @ v, torch.zeros(5, dtype=DT))
+    assert info.converged and float(x.abs().max()) == 0.0
 
 
 def test_exact_refuses_huge_systems():
