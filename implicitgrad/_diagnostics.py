@@ -18,7 +18,8 @@ from typing import List, Optional, Union
 import torch
 
 from ._status import Status, status_message
-from ._validation import ON_FAILURE, check_on_failure  # noqa: F401 - imported from here too
+from ._validation import ON_FAILURE as ON_FAILURE  # imported from here too
+from ._validation import check_on_failure as check_on_failure
 
 __all__ = [
     "ConvergenceError",

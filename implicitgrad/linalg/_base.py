@@ -367,7 +367,8 @@ def run_linear_solver(
     if isinstance(solver, LinearSolver):
         if "spec" in inspect.signature(solver.solve).parameters:
             # A subclass written against the flat ``solve(matvec, b, x0, batch_ndim, spec)``.
-            return solver.solve(matvec, b, x0=None, batch_ndim=batch_ndim, spec=layout)
+            flat_solve: Any = solver.solve
+            return flat_solve(matvec, b, x0=None, batch_ndim=batch_ndim, spec=layout)
         return solver.solve_leaves(matvec, b, batch_ndim=batch_ndim, layout=layout)
     if batch_ndim == 0:
         return _run_callable(solver, matvec, b, layout)
