@@ -403,6 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "settings": {"quick": args.quick, "reps": args.reps, "warmup": args.warmup, "threads": torch.get_num_threads(),
                      "sections": args.only},
         "peers": _peers(),
+        "layer_peers": _peers(("torchdeq", "qpth", "cvxpylayers")),
     }
     say(results["machine_line"])
     if "backward" in args.only:
@@ -454,9 +455,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _peers() -> Dict[str, Optional[str]]:
+def _peers(names=("torchopt", "higher")) -> Dict[str, Optional[str]]:
     peers = {}
-    for name in ("torchopt", "higher", "torchdeq", "qpth", "cvxpylayers"):
+    for name in names:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
