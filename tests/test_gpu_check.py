@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import warnings
 
 import device_cases as cases
@@ -183,6 +184,33 @@ def test_a_gpu_with_cpu_only_torch_is_reported_not_run(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["summary"] == "not run: torch is a CPU-only build"
     assert f"pip install --force-reinstall torch=={torch.__version__.split('+')[0]}" in report["reason"]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only build of torch")
+@pytest.mark.parametrize("pip_status", [0, 1])
+def test_a_gpu_with_cpu_only_torch_gets_the_cuda_build_then_a_fresh_run(tmp_path, monkeypatch, pip_status):
+    calls = []
+
+    def pip(command, *args, **kwargs):
+        calls.append(command)
+        return pip_status, 1.0
+
+    def fresh_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 7)
+
+    monkeypatch.setattr(gpu_check, "_run_logged", pip)
+    monkeypatch.setattr(gpu_check.subprocess, "run", fresh_run)
+    monkeypatch.delenv("TORCH_INDEX_URL", raising=False)
+    status = gpu_check.main(["--out", str(tmp_path)], gpus=["GPU 0: a GPU"])
+    assert calls[0] == gpu_check.install_command(torch.__version__)
+    if pip_status == 0:
+        assert status == 7  # the fresh run's status
+        assert calls[1][1:] == ["-m", "implicitgrad.testing.gpu_check", "--out", str(tmp_path), "--no-install"]
+    else:
+        assert status == 1 and len(calls) == 1
+        report = json.loads((tmp_path / "gpu_check.json").read_text())
+        assert report["summary"] == "not run: installing the CUDA build of torch failed"
 
 
 def test_install_only_when_a_gpu_meets_a_cpu_only_torch():
