@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from registry import rel_err
 from torch.nn.functional import mse_loss
 
 import implicitgrad as ig
@@ -113,10 +114,6 @@ LEARNERS = {
         m, mse_loss, lam=2.0, inner_solver=ig.solvers.GradientDescent(lr=0.1, maxiter=2000, tol=1e-13),
         linear_solver=ig.CG(tol=1e-12), **kw),
 }
-
-
-def rel_err(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
 
 
 # ---------------------------------------------------------------------------- closed forms

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from registry import rel_err
 from torch import nn
 
 import implicitgrad as ig
@@ -29,11 +30,6 @@ def one_thread():
 
 def randn(*shape, seed=0, dtype=DT):
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 # --------------------------------------------------------------------------- RidgeHead

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from registry import rel_err
 
 import implicitgrad as ig
 
@@ -17,11 +18,6 @@ DT = torch.float64
 REL = 1e-8
 PG = ig.solvers.ProximalGradient
 PJ = ig.solvers.ProjectedGradient
-
-
-def rel_err(a, b):
-    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
-    return float((a - b).norm() / max(float(b.norm()), 1e-300))
 
 
 def regression(n=60, d=12, seed=0):

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from registry import rel_err
 
 import implicitgrad as ig
 from implicitgrad.solvers import FixedPointIteration, GradientDescent, SciPy, TorchOpt, TorchOptimizer
@@ -95,11 +96,6 @@ def reference(theta):
 
 
 V_REF, HYPERGRAD_REF = reference(THETA)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def stacked(x):
