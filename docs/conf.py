@@ -53,8 +53,9 @@ API_PAGES = {
     "api/testing_problems": "implicitgrad.testing.problems",
     "api/testing_strategies": "implicitgrad.testing.strategies",
     "api/meta": "implicitgrad.meta",
-    "api/data": "implicitgrad.data",
-    "api/training": "implicitgrad.training",
+    "api/contrib": "implicitgrad.contrib",
+    "api/data": "implicitgrad.contrib.data",
+    "api/training": "implicitgrad.contrib.training",
     "api/nn": "implicitgrad.nn",
 }
 

@@ -33,7 +33,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from ._diagnostics import user_stacklevel
+from .._diagnostics import user_stacklevel
 
 __all__ = [
     "CheckpointError",
