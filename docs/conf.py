@@ -57,6 +57,11 @@ API_PAGES = {
     "api/data": "implicitgrad.contrib.data",
     "api/training": "implicitgrad.contrib.training",
     "api/nn": "implicitgrad.nn",
+    "api/prox": "implicitgrad.prox",
+    "api/projections": "implicitgrad.projections",
+    "api/qp": "implicitgrad.qp",
+    "api/distributed": "implicitgrad.distributed",
+    "api/testing_syncs": "implicitgrad.testing.syncs",
 }
 
 
