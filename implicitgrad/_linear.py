@@ -60,6 +60,13 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
         failures = []
         if not info.converged:
             failures.append("did not converge")
+            fits = (
+                "For this condition A is symmetric (a Hessian): ig.CG fits a positive definite A, "
+                "ig.MINRES an indefinite one, ig.Exact a small one."
+                if cond.symmetric
+                else "For this condition A is not symmetric in general: ig.GMRES or ig.BiCGStab fit, "
+                "ig.Exact a small one, ig.Neumann a contractive fixed point."
+            )
         if worse_than_zero:
             # u = 0 has relative residual 1: anything above is worse than no solve at all.
             failures.append(
@@ -70,7 +77,8 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
             )
         report(
             f"implicit differentiation: the linear solve for the "
-            f"{'backward' if transpose else 'forward-mode'} pass {' and '.join(failures)}. {info}",
+            f"{'backward' if transpose else 'forward-mode'} pass {' and '.join(failures)}. {info}"
+            + (f" {fits}" if not info.converged else ""),
             options.on_failure,
         )
     return solution

@@ -328,6 +328,21 @@ def test_symmetric_linear_solvers_on_non_symmetric_conditions_are_flagged(linear
                           solver=ig.solvers.LBFGS(maxiter=500), linear_solver=linear_solver).sum().backward()
 
 
+def test_an_unconverged_backward_solve_names_the_solvers_that_fit_the_condition():
+    A = torch.diag(torch.logspace(0, 6, 20, dtype=DT))
+    theta = torch.ones(20, dtype=DT, requires_grad=True)
+
+    def closed_form(fn, x, t):
+        return torch.linalg.solve(A, t)
+
+    with pytest.warns(ig.ImplicitGradWarning, match=r"did not converge.*symmetric \(a Hessian\).*ig\.MINRES"):
+        ig.implicit_solve(lambda x, t: 0.5 * x @ A @ x - t @ x, torch.zeros(20, dtype=DT), theta,
+                          solver=closed_form, linear_solver=ig.CG(maxiter=2)).sum().backward()
+    with pytest.warns(ig.ImplicitGradWarning, match=r"did not converge.*not symmetric in general.*ig\.GMRES"):
+        ig.root_solve(lambda x, t: A @ x - t, torch.zeros(20, dtype=DT), theta, solver=closed_form,
+                      linear_solver=ig.GMRES(maxiter=2)).sum().backward()
+
+
 def test_bad_settings_are_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"reg=lambda \*params: 0.1"):
         PG(ig.prox.lasso, reg=0.1)
