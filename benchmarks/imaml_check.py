@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from imaml_fewshot import build_learner, build_model  # noqa: E402
-from implicitgrad.data import EpisodeSampler, load_digits_fewshot  # noqa: E402
 
 import implicitgrad as ig  # noqa: E402
 import implicitgrad.meta as meta  # noqa: E402
+from implicitgrad.data import EpisodeSampler, load_digits_fewshot  # noqa: E402
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

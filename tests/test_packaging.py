@@ -438,14 +438,7 @@ def test_example_help_states_each_default_once(name, capsys, monkeypatch):
         assert "(default: None)" not in option, option
 
 
-# The meta-learning scripts do not pass example_parser(..., quick_time=...) yet.
-UNTIMED = {"imaml_fewshot", "imaml_sinusoid"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason="--quick time not stated yet", strict=False)) if n in UNTIMED
-    else n for n in EXAMPLES
-])
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_quick_help_says_how_long(name, capsys, monkeypatch):
     quick = next(o for o in example_help(name, capsys, monkeypatch) if o.startswith("--quick"))
     assert re.search(r"\d+ (s|min)", quick), f"--quick should say how long it takes: {quick}"
