@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import math
 import warnings
@@ -404,3 +405,31 @@ def _run_callable(solver: Callable, matvec: Matvec, b: Vector, layout: PytreeLay
         rel = safe_div(norm(residual, 0), norm(b, 0))
         info = LinearSolveInfo.from_residual(rel, default_tol(b[0].dtype), iterations=1, solver=name)
     return x, info
+
+
+def packing(leaves: Sequence[torch.Tensor], batch_ndim: int) -> Tuple[Callable[[Sequence[torch.Tensor]], torch.Tensor],
+                                                                      Callable[[torch.Tensor], Vector]]:
+    """Maps between the leaves of a vector and one ``(systems, unknowns)`` matrix.
+
+    The ``batch_ndim`` leading dimensions of every leaf become the rows, the rest is
+    concatenated into the columns, in the leaves' common dtype; ``unpack`` restores each
+    leaf's shape and dtype. One tensor per system turns a solver's inner products and
+    updates into a few fused operations instead of a Python loop over the leaves.
+    """
+    systems = math.prod(leaves[0].shape[:batch_ndim])
+    shapes = [t.shape for t in leaves]
+    dtypes = [t.dtype for t in leaves]
+    sizes = [math.prod(shape[batch_ndim:]) for shape in shapes]
+    common = functools.reduce(torch.promote_types, dtypes)
+
+    def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(tensors) == 1:
+            return tensors[0].to(common).reshape(systems, sizes[0])
+        return torch.cat([t.to(common).reshape(systems, n) for t, n in zip(tensors, sizes)], dim=1)
+
+    def unpack(flat: torch.Tensor) -> Vector:
+        if len(shapes) == 1:
+            return [flat.reshape(shapes[0]).to(dtypes[0])]
+        return [part.reshape(shape).to(dtype) for part, shape, dtype in zip(flat.split(sizes, dim=1), shapes, dtypes)]
+
+    return pack, unpack

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .._diagnostics import LinearSolveInfo
-from ._base import IterativeSolver, Matvec, PytreeLayout, Vector
+from ._base import IterativeSolver, Matvec, PytreeLayout, Vector, packing
 
 
 class GMRES(IterativeSolver):
@@ -96,7 +96,7 @@ class GMRES(IterativeSolver):
         layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
-        pack, unpack = _packing(b, batch_ndim)
+        pack, unpack = packing(b, batch_ndim)
 
         def op(v: torch.Tensor) -> torch.Tensor:
             return pack(matvec(unpack(v)))
@@ -149,26 +149,6 @@ class GMRES(IterativeSolver):
             status = "breakdown"
         rel = r_norm / torch.where(b_norm == 0, torch.ones_like(b_norm), b_norm)
         return unpack(x), self._finish(used, rel, tol, status)
-
-
-def _packing(b: Vector, batch_ndim: int) -> Tuple[Callable[[Vector], torch.Tensor], Callable[[torch.Tensor], Vector]]:
-    """Maps between the leaves of a vector and one ``(systems, unknowns)`` matrix."""
-    batch_shape = b[0].shape[:batch_ndim]
-    systems = math.prod(batch_shape)
-    shapes = [t.shape for t in b]
-    sizes = [math.prod(t.shape[batch_ndim:]) for t in b]
-
-    def pack(leaves: Vector) -> torch.Tensor:
-        if len(leaves) == 1:
-            return leaves[0].reshape(systems, sizes[0])
-        return torch.cat([t.reshape(systems, n) for t, n in zip(leaves, sizes)], dim=1)
-
-    def unpack(flat: torch.Tensor) -> List[torch.Tensor]:
-        if len(shapes) == 1:
-            return [flat.reshape(shapes[0])]
-        return [part.reshape(shape) for part, shape in zip(flat.split(sizes, dim=1), shapes)]
-
-    return pack, unpack
 
 
 def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tensor):

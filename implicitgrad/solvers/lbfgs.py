@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 
 from .._tree import tree_flatten
-from ..linalg._base import axpy, check_interval, dot, norm, safe_div, scale
+from ..linalg._base import axpy, check_interval, dot, norm, packing, safe_div, scale
 from ._base import (
     InnerSolver,
     SolverStats,
@@ -128,9 +128,10 @@ class LBFGS(InnerSolver):
         )
         tol = self.tol if self.tol is not None else default_tol(leaves[0].dtype)
         every = check_interval(self.check_every, leaves[0].device)
-        # All iterations work on one tensor per problem, batch_shape + (n,): the two-loop
-        # recursion is then a few fused ops instead of a Python loop over leaves.
-        pack, unpack = _packing(leaves, batch_ndim)
+        # All iterations work on one row per problem, (systems, n): the two-loop recursion is
+        # then a few fused ops instead of a Python loop over leaves.
+        pack, unpack = packing(leaves, batch_ndim)
+        problems_ndim, batch_ndim = batch_ndim, 1
         evaluations = [0]
 
         def gradient(point: Vector) -> Vector:
@@ -179,7 +180,7 @@ class LBFGS(InnerSolver):
             x, g = x_new, g_new
             active = active & (g_norm > threshold)
         return rebuild(unpack(best[0])), batch_stats(
-            best_norm, g0_norm, tol, k, batch_ndim, f"after {k} iterations ({evaluations[0]} gradient evaluations)")
+            best_norm, g0_norm, tol, k, problems_ndim, f"after {k} iterations ({evaluations[0]} gradient evaluations)")
 
     def _line_search(
         self,
@@ -242,24 +243,6 @@ def _next_trial(lo: torch.Tensor, d_lo: torch.Tensor, hi: torch.Tensor, d_hi: to
     # Not bracketed: φ'(lo) < 0 still; extrapolate along the secant through 0 and lo.
     grow = torch.where(lo > 0, lo, torch.ones_like(lo))
     return torch.where(bracketed, inside, 4.0 * grow)
-
-
-def _packing(leaves: Vector, batch_ndim: int) -> Tuple[Callable, Callable]:
-    """Functions between the leaves and one tensor ``batch_shape + (n,)`` (their common dtype)."""
-    shapes = [t.shape for t in leaves]
-    dtypes = [t.dtype for t in leaves]
-    sizes = [math.prod(shape[batch_ndim:]) for shape in shapes]
-    common = dtypes[0]
-    for dtype in dtypes[1:]:
-        common = torch.promote_types(common, dtype)
-
-    def pack(tensors: Vector) -> torch.Tensor:
-        return torch.cat([t.to(common).reshape(*t.shape[:batch_ndim], -1) for t in tensors], -1)
-
-    def unpack(flat: torch.Tensor) -> Vector:
-        return [c.reshape(shape).to(dtype) for c, shape, dtype in zip(flat.split(sizes, -1), shapes, dtypes)]
-
-    return pack, unpack
 
 
 def _two_loop(g: Vector, pairs, gamma: torch.Tensor, batch_ndim: int) -> Vector:
