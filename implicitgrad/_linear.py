@@ -16,7 +16,7 @@ from ._compat import is_legacy_batched, is_wrapped
 from ._diagnostics import SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
-from .linalg._base import PytreeLayout, product_precision, propagate_nonfinite, run_linear_solver
+from .linalg._base import PytreeLayout, dot, norm, product_precision, propagate_nonfinite, run_linear_solver
 
 #: Dtypes whose linear solves run in float32: their reductions lose too much precision.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -97,12 +97,8 @@ def _check_symmetric(cond: Condition, options: Options, op: Callable, b: List[to
     w = [torch.sin(1.0 + 0.7548776662 * torch.arange(t.numel(), device=t.device, dtype=t.dtype)).reshape(t.shape)
          for t in b]
     au, aw = op(list(b)), op(w)
-
-    def inner(x, y):
-        return sum((xi * yi).reshape(*xi.shape[:n], -1).sum(-1) for xi, yi in zip(x, y))
-
-    gap = (inner(au, w) - inner(b, aw)).abs()
-    scale = inner(au, au).sqrt() * inner(w, w).sqrt()
+    gap = (dot(au, w, n) - dot(b, aw, n)).abs()
+    scale = norm(au, n) * norm(w, n)
     tau = 1e3 * torch.finfo(b[0].dtype).eps
     asymmetric = gap > tau * scale
     if bool(asymmetric.any()):
