@@ -18,6 +18,9 @@ step sizes         finite and > 0 (``lr``, ``alpha``)
 ``damping``        finite and ≥ 0 (a shift of the linear system)
 ``forward_tol``    ``None`` (the dtype's default) or finite and > 0
 ``on_failure``     ``"warn"``, ``"raise"`` or ``"ignore"``
+``linear_solver``  ``None`` (the default), a linear solver instance
+                   (``ig.CG()``), or a plain callable
+                   ``linear_solver(matvec, b) -> x`` or ``-> (x, info)``
 =================  =========================================================
 
 Defaults live in :mod:`implicitgrad._defaults`.
@@ -35,6 +38,7 @@ __all__ = [
     "check_count",
     "check_forward_tol",
     "check_fraction",
+    "check_linear_solver",
     "check_nonnegative",
     "check_on_failure",
     "check_positive_number",
@@ -132,3 +136,27 @@ def check_on_failure(on_failure: Any, owner: Optional[str] = None) -> str:
 def check_forward_tol(value: Any, owner: Optional[str] = None) -> Optional[float]:
     """``None`` (the dtype's default) or a finite number ``> 0``."""
     return None if value is None else check_positive_number("forward_tol", value, owner)
+
+
+def check_linear_solver(value: Any, owner: Optional[str] = None, example: str = "ig.CG()") -> Any:
+    """``None``, an instance of a linear solver, or a plain callable ``linear_solver(matvec, b)``.
+
+    A plain callable receives ``matvec`` and ``b`` as pytrees shaped like ``b`` and returns
+    ``x`` or ``(x, info)``. A class (``ig.CG`` instead of ``ig.CG()``) is refused: calling
+    it would construct a solver, not solve. ``example`` names the instance suggested in
+    the message.
+    """
+    if value is None:
+        return None
+    if isinstance(value, type):
+        raise SettingError(
+            f"{_prefix(owner)}linear_solver must be an instance, got the class {value.__name__}. "
+            f"Pass e.g. linear_solver={value.__name__}() or linear_solver={example}."
+        )
+    if not callable(value):
+        raise SettingError(
+            f"{_prefix(owner)}linear_solver must be an ig linear solver such as {example}, or a "
+            "callable linear_solver(matvec, b) returning x or (x, info), got "
+            f"{value!r} of type {type(value).__name__}."
+        )
+    return value

@@ -145,6 +145,45 @@ def test_imaml_with_black_box_exact_solver_and_learned_lambda():
     assert names == ["weight", "bias", "log_lam.weight", "log_lam.bias"]
 
 
+def dense_dict_solve(matvec, b):
+    """A linear solver of one's own on dicts of tensors: forms the matrix, solves densely."""
+    keys, shapes = list(b), [b[k].shape for k in b]
+    sizes = [b[k].numel() for k in keys]
+
+    def flat(tree):
+        return torch.cat([tree[k].reshape(-1) for k in keys])
+
+    def unflat(vector):
+        return {k: c.reshape(s) for k, c, s in zip(keys, vector.split(sizes), shapes)}
+
+    eye = torch.eye(sum(sizes), dtype=DTYPE)
+    matrix = torch.stack([flat(matvec(unflat(e))) for e in eye], 1)
+    return unflat(torch.linalg.solve(matrix, flat(b)))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_imaml_accepts_a_plain_callable_linear_solver(batched):
+    model, tasks = make_model(), make_tasks()
+    calls = []
+
+    def linear_solver(matvec, b):
+        calls.append(sorted(b))
+        return dense_dict_solve(matvec, b)
+
+    imaml = meta.IMAML(model, mse_loss, lam=2.0, inner_solver=exact_inner, linear_solver=linear_solver,
+                       batched=batched)
+    assert imaml.linear_solver is linear_solver
+    imaml.meta_step(tasks)
+    assert calls == [["bias", "weight"]] * len(tasks)
+    assert rel_err(grad_of(model), closed_form("imaml", theta_of(model), tasks, lam=2.0)[: D + 1]) < 1e-10
+    assert all(info.backward.converged for info in imaml.last_info)
+
+
+def test_imaml_refuses_a_linear_solver_class():
+    with pytest.raises(TypeError, match="IMAML: linear_solver must be an instance, got the class CG"):
+        meta.IMAML(make_model(), mse_loss, 1.0, exact_inner, linear_solver=ig.CG)
+
+
 def test_imaml_adapt_is_the_proximal_minimiser_and_differentiable():
     model, (task, *_) = make_model(), make_tasks()
     imaml = LEARNERS["imaml"](model)

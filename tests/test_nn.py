@@ -210,8 +210,8 @@ def test_logistic_head_infers_classes_and_reports_info():
 class SoftplusDenoiser(ImplicitLayer):
     """x* = argmin ½‖x − u‖² + Σ softplus(L x): a strongly convex problem using a sub-module."""
 
-    def __init__(self, dim):
-        super().__init__(solver=TorchOptimizer(torch.optim.LBFGS, tol=1e-12))
+    def __init__(self, dim, linear_solver=None):
+        super().__init__(solver=TorchOptimizer(torch.optim.LBFGS, tol=1e-12), linear_solver=linear_solver)
         self.proj = nn.Linear(dim, 3)
 
     def init(self, inputs):
@@ -224,8 +224,8 @@ class SoftplusDenoiser(ImplicitLayer):
 class TanhEquilibrium(ImplicitLayer):
     """x* = tanh(W x* + u), through its residual x − tanh(W x + u) (W small: a contraction)."""
 
-    def __init__(self, dim):
-        super().__init__(solver=self.fixed_point_of_residual, linear_solver=ig.GMRES())
+    def __init__(self, dim, linear_solver=None):
+        super().__init__(solver=self.fixed_point_of_residual, linear_solver=linear_solver or ig.GMRES())
         self.weight = nn.Parameter(0.3 * randn(dim, dim, seed=7) / dim**0.5)
 
     @staticmethod
@@ -262,6 +262,46 @@ def test_generic_layer_in_sequential_matches_central_differences(make_layer):
         plus = loss({k: params[k] + h * direction[k] for k in params})
         minus = loss({k: params[k] - h * direction[k] for k in params})
     assert float(plus - minus) / (2 * h) == pytest.approx(analytic, rel=1e-6)
+
+
+def dense_solve(matvec, b):
+    """A linear solver of one's own: forms the matrix column by column, solves densely."""
+    columns = [matvec(e.reshape(b.shape)).reshape(-1) for e in torch.eye(b.numel(), dtype=b.dtype)]
+    return torch.linalg.solve(torch.stack(columns, 1), b.reshape(-1)).reshape(b.shape)
+
+
+@pytest.mark.parametrize("returns_info", [False, True], ids=["x", "x-info"])
+@pytest.mark.parametrize("make_layer", [SoftplusDenoiser, TanhEquilibrium], ids=["objective", "residual"])
+def test_layer_accepts_a_plain_callable_linear_solver(make_layer, returns_info):
+    calls = []
+
+    def solve(matvec, b):
+        calls.append(b.shape)
+        x = dense_solve(matvec, b)
+        if not returns_info:
+            return x
+        residual = float((matvec(x) - b).norm() / b.norm())
+        return x, ig.LinearSolveInfo.from_residual(residual, 1e-10, iterations=b.numel(), solver="dense")
+
+    u = randn(5, 3, seed=1)
+    grads, infos = {}, {}
+    for name, linear_solver in [("callable", solve), ("exact", ig.Exact())]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), make_layer(4, linear_solver=linear_solver)).double()
+        (model(u) ** 3).sum().backward()
+        grads[name] = [p.grad for p in model.parameters()]
+        infos[name] = model[1].last_info
+    assert calls == [torch.Size([5, 4])]
+    assert infos["callable"].backward.converged and infos["callable"].backward.residual < 1e-10
+    for got, want in zip(grads["callable"], grads["exact"]):
+        assert rel_err(got, want) < 1e-10
+
+
+def test_layer_constructor_accepts_a_callable_and_refuses_a_class():
+    layer = NoSolver(solver=FixedPointIteration(), linear_solver=dense_solve)
+    assert layer.linear_solver is dense_solve and "dense_solve" in repr(layer)
+    with pytest.raises(TypeError, match="linear_solver must be an instance, got the class CG"):
+        NoSolver(solver=FixedPointIteration(), linear_solver=ig.CG)
 
 
 def test_objective_reading_self_instead_of_params_is_flagged():

@@ -12,7 +12,9 @@ from torch import nn
 from .._api import implicit_solve
 from .._defaults import forward_tol as default_forward_tol
 from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure, user_stacklevel
-from ..linalg import CG, LinearSolver
+from .._validation import check_linear_solver
+from ..linalg import CG
+from ..linalg._base import LinearSolverLike
 from ..solvers import LBFGS
 from ._base import MetaLearner, Params, Tensor, _check_tasks
 
@@ -109,7 +111,9 @@ class IMAML(MetaLearner):
         inner_solver: solver of the proximal problem; it receives the objective
             ``G(φ, θ, log_lam, x_support, y_support)`` with ``φ`` a dict name → Tensor.
             ``"auto"``: see above.
-        linear_solver: solver of the backward system; default
+        linear_solver: solver of the backward system, an instance or a plain callable
+            ``linear_solver(matvec, b)`` returning ``x`` or ``(x, info)`` (as
+            :func:`~implicitgrad.implicit_solve` accepts); default
             ``ig.CG(maxiter=DEFAULT_CG_MAXITER)``. The paper's 5 CG steps: ``ig.CG(maxiter=5)``.
         learn_lam: learn one :math:`\lambda` per parameter entry.
         forward_tol: relative forward residual accepted without a report (default that of
@@ -162,7 +166,7 @@ class IMAML(MetaLearner):
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         lam: float = DEFAULT_LAM,
         inner_solver: Union[Callable, str] = "auto",
-        linear_solver: Optional[LinearSolver] = None,
+        linear_solver: Optional[LinearSolverLike] = None,
         *,
         learn_lam: bool = False,
         forward_tol: Optional[float] = None,
@@ -180,12 +184,8 @@ class IMAML(MetaLearner):
                 "IMAML: inner_solver must be a callable solver(objective, phi0, *params), e.g. "
                 f"ig.solvers.LBFGS(maxiter=100), or 'auto' for the default; got {inner_solver!r}."
             )
+        linear_solver = check_linear_solver(linear_solver, "IMAML", example="ig.CG(maxiter=50)")
         linear_solver = CG(maxiter=DEFAULT_CG_MAXITER) if linear_solver is None else linear_solver
-        if not isinstance(linear_solver, LinearSolver):
-            raise TypeError(
-                f"IMAML: linear_solver must be an ig linear solver such as ig.CG(maxiter=50), got "
-                f"{type(linear_solver).__name__}."
-            )
         if forward_tol is not None and not (isinstance(forward_tol, (int, float)) and forward_tol > 0):
             raise ValueError(f"IMAML: forward_tol must be a positive number, got {forward_tol!r}.")
         if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)

@@ -9,8 +9,11 @@ from torch import nn
 
 from .._api import implicit_solve, root_solve
 from .._diagnostics import SolveInfo
-from .._validation import check_forward_tol, check_on_failure
-from ..linalg import LinearSolver
+from .._validation import check_forward_tol, check_linear_solver, check_on_failure
+from ..linalg._base import LinearSolverLike
+
+# The override points a subclass may implement, each with the core entry point that solves it.
+_FORMS: Tuple[Tuple[str, Callable[..., Any]], ...] = (("objective", implicit_solve), ("residual", root_solve))
 
 
 class ImplicitLayer(nn.Module):
@@ -50,8 +53,10 @@ class ImplicitLayer(nn.Module):
     Args:
         solver: inner solver ``solver(fn, x0, inputs, params) -> x`` (e.g. an
             ``ig.solvers`` solver); ``None``: the subclass's :meth:`closed_form`.
-        linear_solver: linear solver of the backward pass; ``None``: ``ig.CG()`` for an
-            objective, ``ig.GMRES()`` for a residual.
+        linear_solver: linear solver of the backward pass: an instance such as
+            ``ig.Exact()``, or a plain callable ``linear_solver(matvec, b)`` returning ``x``
+            or ``(x, info)`` (as :func:`~implicitgrad.implicit_solve` accepts); ``None``:
+            ``ig.CG()`` for an objective, ``ig.GMRES()`` for a residual.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` (see
             :func:`~implicitgrad.implicit_solve`).
         forward_tol: accepted relative forward residual (``None``: dtype default).
@@ -63,7 +68,8 @@ class ImplicitLayer(nn.Module):
 
     Raises:
         TypeError: neither or both of ``objective`` / ``residual`` implemented, no solver
-            and no closed form, a solver that is not callable or a wrong linear solver.
+            and no closed form, a solver that is not callable, or a linear solver that is
+            neither an instance nor a callable.
         ValueError: unknown ``on_failure`` or non-positive ``forward_tol``.
 
     Example:
@@ -87,19 +93,18 @@ class ImplicitLayer(nn.Module):
     def __init__(
         self,
         solver: Optional[Callable] = None,
-        linear_solver: Optional[LinearSolver] = None,
+        linear_solver: Optional[LinearSolverLike] = None,
         on_failure: str = "warn",
         forward_tol: Optional[float] = None,
     ) -> None:
         super().__init__()
         cls = type(self)
-        has_objective = cls.objective is not ImplicitLayer.objective
-        has_residual = cls.residual is not ImplicitLayer.residual
-        if has_objective == has_residual:
+        implemented = [form for form in _FORMS if getattr(cls, form[0]) is not getattr(ImplicitLayer, form[0])]
+        if len(implemented) != 1:
             raise TypeError(
                 f"{cls.__name__}: implement exactly one of objective(x, inputs, params) (a "
                 "minimisation) or residual(x, inputs, params) (a root), "
-                f"got {'both' if has_objective else 'neither'}."
+                f"got {'both' if implemented else 'neither'}."
             )
         if solver is None and cls.closed_form is ImplicitLayer.closed_form:
             raise TypeError(
@@ -108,14 +113,11 @@ class ImplicitLayer(nn.Module):
             )
         if solver is not None and not callable(solver):
             raise TypeError(f"{cls.__name__}: solver must be callable as solver(fn, x0, *params), got {solver!r}.")
-        if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
-            raise TypeError(
-                f"{cls.__name__}: linear_solver must be an ig linear solver such as ig.CG() or "
-                f"ig.Exact(), got {linear_solver!r}."
-            )
+        check_linear_solver(linear_solver, cls.__name__)
         check_on_failure(on_failure, cls.__name__)
         check_forward_tol(forward_tol, cls.__name__)
-        self._kind = "objective" if has_objective else "residual"
+        # The method that states the condition, and the core function that solves it.
+        self._condition_method, self._core_solve = implemented[0]
         self.solver = solver
         self.linear_solver = linear_solver
         self.on_failure = on_failure
@@ -168,11 +170,9 @@ class ImplicitLayer(nn.Module):
         inputs = tuple(self.prepare(*inputs))
         params: Dict[str, torch.Tensor] = dict(self.named_parameters())
         x0 = self.init(inputs)
-        solve = implicit_solve if self._kind == "objective" else root_solve
-        fn = self.objective if self._kind == "objective" else self.residual
         solver = self.solver if self.solver is not None else self._closed_form_solver
-        x, info = solve(
-            fn, x0, inputs, params, solver=solver, linear_solver=self.linear_solver,
+        x, info = self._core_solve(
+            getattr(self, self._condition_method), x0, inputs, params, solver=solver, linear_solver=self.linear_solver,
             on_failure=self.on_failure, return_info=True, forward_tol=self.forward_tol,
         )
         self.last_info = info
