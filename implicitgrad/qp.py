@@ -58,6 +58,8 @@ class QPInfo:
         tol: the tolerance every one of the three measures met for ``"solved"``.
         multipliers: ``(λ, ν)``, the multipliers of the inequalities and equalities at the
             solution (detached).
+        polished: per problem, whether the active-set refinement of the interior-point
+            solution was kept (bool tensor; see :func:`qp_solve`).
     """
 
     status: List[str]
@@ -67,6 +69,7 @@ class QPInfo:
     gap: torch.Tensor
     tol: float
     multipliers: Tuple[torch.Tensor, torch.Tensor]
+    polished: Optional[torch.Tensor] = None
 
     @property
     def converged(self) -> bool:
@@ -119,6 +122,20 @@ def qp_solve(
     primal residual, dual residual and gap (see :class:`QPInfo`) are all below ``tol``; the
     loop ends when every problem has stopped.
 
+    **Active-set refinement.** An interior point leaves every product :math:`s_i\lambda_i`
+    small but not zero, which blurs a weakly active constraint (slack and multiplier both
+    small) by about :math:`\mu/\text{margin}` in the solution and :math:`\mu/\text{margin}^2`
+    in the derivative. Each solved problem therefore takes the rows with
+    :math:`\lambda_i > s_i` as its active set :math:`\mathcal A` and solves the KKT system
+    of the equality-constrained problem on it exactly (one batched LU):
+    :math:`Qz + G_{\mathcal A}^\top\lambda_{\mathcal A} + A^\top\nu = -p`,
+    :math:`G_{\mathcal A} z = h_{\mathcal A}`, :math:`Az = b`, :math:`\lambda_i = 0` off
+    :math:`\mathcal A`. The refined point is kept only if it is a strictly complementary KKT
+    point (every active multiplier and inactive slack above :math:`\sqrt\varepsilon` of its
+    scale, residuals within ``tol``); otherwise — a degenerate constraint, where the
+    derivative is not defined — the interior point stays. :attr:`QPInfo.polished` says
+    which problems were refined.
+
     **Backward** (Amos and Kolter, 2017). Differentiating the KKT conditions
     :math:`Qz + p + G^\top\lambda + A^\top\nu = 0`, :math:`\lambda \circ (Gz - h) = 0`,
     :math:`Az = b` at the solution and eliminating the multiplier block gives, for the
@@ -135,7 +152,14 @@ def qp_solve(
     :math:`\bar A = -(\nu w^\top + w_\nu z^\top)`, :math:`\bar b = w_\nu`. The LU of
     :math:`K` at the solution is computed once by the forward pass (when a gradient is
     needed) and reused by the backward pass. The problems of the batch are independent
-    systems (block-diagonal). Double backward is not supported.
+    systems (block-diagonal).
+
+    **Second derivatives.** Under ``create_graph=True`` the backward is built from
+    differentiable operations — the matrix at the solution assembled from the data and
+    from :math:`z^\star, \lambda^\star, \nu^\star`, which carry their own implicit
+    derivatives, and a dense ``torch.linalg.solve`` — so the gradient can be differentiated
+    again (Hessian-vector products, gradient penalties). Where the active set is fixed
+    (strict complementarity) this is the exact second derivative of the solution map.
 
     **Shapes.** ``Q`` ``(B, n, n)``, ``p`` ``(B, n)``, ``G`` ``(B, m, n)``, ``h`` ``(B, m)``,
     ``A`` ``(B, k, n)``, ``b`` ``(B, k)``; any argument may omit the batch dimension and is
@@ -195,7 +219,7 @@ def qp_solve(
     tol = check_tol("tol", tol, "qp_solve", allow_zero=False) if tol is not None else _default_tol(dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
     settings = _Settings(tol=tol, maxiter=maxiter, on_failure=on_failure, needs_grad=needs_grad)
-    z = QPFunction.apply(settings, *args)
+    z = QPFunction.apply(settings, *args)[0]
     if not batched:
         z = z[0]
     if settings.report:
@@ -303,17 +327,9 @@ class _KKT:
 
     def __init__(self, Q: torch.Tensor, G: torch.Tensor, A: torch.Tensor, lam: torch.Tensor,
                  s: torch.Tensor) -> None:
-        B, n, m, k = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
-        J = Q.new_zeros(B, n + m + k, n + m + k)
-        J[:, :n, :n] = Q
-        J[:, :n, n : n + m] = G.transpose(-1, -2)
-        J[:, :n, n + m :] = A.transpose(-1, -2)
-        J[:, n : n + m, :n] = lam.unsqueeze(-1) * G
-        J[:, n : n + m, n : n + m] = torch.diag_embed(-s)
-        J[:, n + m :, :n] = A
-        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(J)
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(_kkt_matrix(Q, G, A, lam, s))
         self.singular = info != 0
-        self.sizes = (n, m, k)
+        self.sizes = (Q.shape[-1], G.shape[-2], A.shape[-2])
 
     def solve(self, r1: torch.Tensor, r2: torch.Tensor, r3: torch.Tensor,
               adjoint: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -322,6 +338,20 @@ class _KKT:
         sol = torch.linalg.lu_solve(self.lu, self.pivots, rhs, adjoint=adjoint).squeeze(-1)
         n, m, _ = self.sizes
         return sol[..., :n], sol[..., n : n + m], sol[..., n + m :]
+
+
+def _kkt_matrix(Q: torch.Tensor, G: torch.Tensor, A: torch.Tensor, lam: torch.Tensor,
+                s: torch.Tensor) -> torch.Tensor:
+    """``J = [[Q, Gᵀ, Aᵀ], [diag(λ) G, −diag(s), 0], [A, 0, 0]]`` per problem (differentiable)."""
+    B, n, m, k = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
+    J = Q.new_zeros(B, n + m + k, n + m + k)
+    J[:, :n, :n] = Q
+    J[:, :n, n : n + m] = G.transpose(-1, -2)
+    J[:, :n, n + m :] = A.transpose(-1, -2)
+    J[:, n : n + m, :n] = lam.unsqueeze(-1) * G
+    J[:, n : n + m, n : n + m] = torch.diag_embed(-s)
+    J[:, n + m :, :n] = A
+    return J
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -394,6 +424,53 @@ def _step(Q, G, A, s, lam, rd, rpi, rpe):
     return tuple(alpha * torch.nan_to_num(d) for d in (dz, ds, dlam, dnu)), ok
 
 
+def _residuals(Q, p, G, h, A, b, z, s, lam, nu):
+    """The KKT residuals ``(r_d, r_pi, r_pe)`` of a batch and the three measures of :class:`QPInfo`."""
+    rd = _mv(Q, z) + p + _mtv(G, lam) + _mtv(A, nu)
+    rpi = _mv(G, z) + s - h
+    rpe = _mv(A, z) - b
+    objective = 0.5 * (z * _mv(Q, z)).sum(-1) + (p * z).sum(-1)
+    dres = torch.linalg.vector_norm(rd, dim=-1) / torch.linalg.vector_norm(p, dim=-1).clamp_min(1.0)
+    norm_hb = torch.linalg.vector_norm(torch.cat([h, b], -1), dim=-1).clamp_min(1.0)
+    pres = torch.linalg.vector_norm(torch.cat([rpi, rpe], -1), dim=-1) / norm_hb
+    gap = (s * lam).sum(-1) / objective.abs().clamp_min(1.0)
+    return (rd, rpi, rpe), (pres, dres, gap)
+
+
+def _polish(Q, p, G, h, A, b, z, s, lam, nu, solved: torch.Tensor, tol: float):
+    """Active-set refinement of interior-point solutions; returns the refined iterate and where it was kept.
+
+    An interior point stops with every product ``s_i λ_i`` small but not zero, so a constraint
+    that is only weakly active (its slack and multiplier both small) is blurred by ``μ / margin``
+    in the solution and by ``μ / margin²`` in the derivative. Here the rows with ``λ_i > s_i``
+    are taken as active and the equality-constrained KKT system on them is solved exactly,
+    ``Q z + G_𝒜ᵀ λ_𝒜 + Aᵀ ν = −p``, ``G_𝒜 z = h_𝒜``, ``A z = b``, with ``λ = 0`` and
+    ``s = h − G z`` off the active set (``s = 0`` on it). The refined point is kept for a solved
+    problem only if it is a strictly complementary KKT point — every active multiplier and
+    every inactive slack above ``√ε`` relative to its scale — with residuals within ``tol``;
+    otherwise (a degenerate or nearly degenerate constraint) the interior point stays.
+    """
+    m = h.shape[-1]
+    if not m or not bool(solved.any()):
+        return z, s, lam, nu, solved & False
+    active = lam > s
+    on = active.to(h.dtype)
+    kkt = _KKT(Q, G, A, on, 1 - on)  # rows: G_i z = h_i (active), −λ_i = 0 (inactive)
+    z_p, lam_p, nu_p = kkt.solve(-p, on * h, b)
+    lam_p = torch.where(active, lam_p, torch.zeros_like(lam_p))
+    s_p = torch.where(active, torch.zeros_like(h), h - _mv(G, z_p))
+    root_eps = torch.finfo(h.dtype).eps ** 0.5
+    scale_lam = lam.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    scale_s = h.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    margin = torch.where(active, lam_p / scale_lam, s_p / scale_s).amin(-1)
+    _, (pres, dres, _) = _residuals(Q, p, G, h, A, b, z_p, s_p, lam_p, nu_p)
+    keep = solved & ~kkt.singular & (margin > root_eps) & (pres <= tol) & (dres <= tol)
+    keep &= torch.isfinite(torch.cat([z_p, lam_p, nu_p], -1)).all(-1)
+    k = keep.unsqueeze(-1)
+    return (torch.where(k, z_p, z), torch.where(k, s_p, s), torch.where(k, lam_p, lam), torch.where(k, nu_p, nu),
+            keep)
+
+
 def _interior_point(Q, p, G, h, A, b, tol: float, maxiter: int):
     """Mehrotra's predictor-corrector method on a batch; returns the iterate, statuses and measures."""
     B = p.shape[0]
@@ -403,16 +480,8 @@ def _interior_point(Q, p, G, h, A, b, tol: float, maxiter: int):
     z, s, lam, nu = _start(Q, p, G, h, A, b)
     iterations = torch.zeros(B, dtype=torch.int64, device=p.device)
     labels = torch.zeros(B, dtype=torch.int64, device=p.device)  # an index into _CODES
-    norm_p = torch.linalg.vector_norm(p, dim=-1).clamp_min(1.0)
-    norm_hb = torch.linalg.vector_norm(torch.cat([h, b], -1), dim=-1).clamp_min(1.0)
     for it in range(maxiter + 1):
-        rd = _mv(Q, z) + p + _mtv(G, lam) + _mtv(A, nu)
-        rpi = _mv(G, z) + s - h
-        rpe = _mv(A, z) - b
-        objective = 0.5 * (z * _mv(Q, z)).sum(-1) + (p * z).sum(-1)
-        dres = torch.linalg.vector_norm(rd, dim=-1) / norm_p
-        pres = torch.linalg.vector_norm(torch.cat([rpi, rpe], -1), dim=-1) / norm_hb
-        gap = (s * lam).sum(-1) / objective.abs().clamp_min(1.0)
+        (rd, rpi, rpe), (pres, dres, gap) = _residuals(Q, p, G, h, A, b, z, s, lam, nu)
         running = ~nonconvex & (labels == 0)
         infeasible, unbounded = _certificates(Q, p, G, h, A, b, z, lam, nu, eps**0.5)
         labels = torch.where(running & (dres <= tol) & (pres <= tol) & (gap <= tol), 1, labels)
@@ -429,42 +498,59 @@ def _interior_point(Q, p, G, h, A, b, tol: float, maxiter: int):
         z, s, lam, nu = (x.index_add(0, idx, dx) for x, dx in zip((z, s, lam, nu), step))
         iterations = iterations.index_add(0, idx, ok.to(iterations.dtype))
     status = ["nonconvex" if bool(nonconvex[i]) else _CODES[int(labels[i])] for i in range(B)]
-    return z, s, lam, nu, status, iterations, (pres, dres, gap)
+    z, s, lam, nu, polished = _polish(Q, p, G, h, A, b, z, s, lam, nu, ~nonconvex & (labels == 1), tol)
+    if bool(polished.any()):
+        _, refined = _residuals(Q, p, G, h, A, b, z, s, lam, nu)
+        pres, dres, gap = (torch.where(polished, r, old) for r, old in zip(refined, (pres, dres, gap)))
+    return z, s, lam, nu, status, iterations, (pres, dres, gap), polished
 
 
 class QPFunction(torch.autograd.Function):
-    """``z* = qp(Q, p, G, h, A, b)`` with the KKT backward of :func:`qp_solve`."""
+    """``(z*, λ*, ν*) = qp(Q, p, G, h, A, b)`` with the KKT backward of :func:`qp_solve`.
+
+    The multipliers are outputs too, so that the backward — written in differentiable
+    operations on ``z*``, ``λ*``, ``ν*`` and the data — can itself be differentiated: the
+    matrix of its solve depends on them.
+    """
 
     @staticmethod
     def forward(settings: _Settings, Q, p, G, h, A, b):
         Q = 0.5 * (Q + Q.transpose(-1, -2))
-        z, s, lam, nu, status, iterations, (pres, dres, gap) = _interior_point(
+        z, s, lam, nu, status, iterations, (pres, dres, gap), polished = _interior_point(
             Q, p, G, h, A, b, settings.tol, settings.maxiter)
         failed = torch.tensor([st not in ("solved", "max_iterations") for st in status], device=z.device)
         z, lam, nu = (torch.where(failed.unsqueeze(-1), torch.full_like(t, float("nan")), t) for t in (z, lam, nu))
         settings.info = QPInfo(status=status, iterations=iterations, primal_residual=pres, dual_residual=dres,
-                               gap=gap, tol=settings.tol, multipliers=(lam, nu))
+                               gap=gap, tol=settings.tol, multipliers=(lam, nu), polished=polished)
         settings.report = _failure_message(settings.info)
         if settings.needs_grad:
             # The Newton matrix at the solution is the backward's matrix: factored here, once.
-            settings.saved = (lam, nu, _KKT(Q, G, A, lam, s))
-        return z
+            settings.saved = (s, _KKT(Q, G, A, lam, s))
+        return z, lam, nu
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         settings = inputs[0]
         if settings.saved is None:
             return
-        lam, nu, ctx.kkt = settings.saved
+        s, ctx.kkt = settings.saved
         settings.saved = None
-        ctx.save_for_backward(output, lam, nu)
+        _, Q, _, G, h, A, _ = inputs
+        ctx.save_for_backward(Q, G, h, A, *output, s)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, v):
-        z, lam, nu = ctx.saved_tensors
-        kkt: _KKT = ctx.kkt
-        w, w_lam, w_nu = kkt.solve(v, v.new_zeros(lam.shape), v.new_zeros(nu.shape), adjoint=True)
+    def backward(ctx, v, v_lam, v_nu):
+        Q, G, h, A, z, lam, nu, s = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # Under create_graph the adjoint solve is rebuilt from differentiable pieces: J at the
+            # solution, with the slacks' value from the forward and the derivative of h − Gz.
+            y = h - _mv(G, z)
+            J = _kkt_matrix(0.5 * (Q + Q.transpose(-1, -2)), G, A, lam, s + (y - y.detach()))
+            u = torch.linalg.solve(J.transpose(-1, -2), torch.cat([v, v_lam, v_nu], -1))
+            n, m = z.shape[-1], lam.shape[-1]
+            w, w_lam, w_nu = u[..., :n], u[..., n : n + m], u[..., n + m :]
+        else:
+            w, w_lam, w_nu = ctx.kkt.solve(v, v_lam, v_nu, adjoint=True)
         t = lam * w_lam
         grads = {
             "Q": -0.5 * (w.unsqueeze(-1) * z.unsqueeze(-2) + z.unsqueeze(-1) * w.unsqueeze(-2)),

@@ -328,3 +328,92 @@ def test_layer_learned_q_is_positive_definite_and_missing_terms_are_named():
     assert float(torch.linalg.eigvalsh(layer.terms(h=torch.ones(2, dtype=DT))["Q"]).min()) > 0
     with pytest.raises(ValueError, match="unknown terms"):
         ig.nn.QP(3, learn=("R",))
+
+
+# ------------------------------------------------------------------------- accuracy and second order
+def test_weakly_active_constraint_gradient_is_exact():
+    """A constraint whose multiplier is 1e-4 (strict complementarity nearly failing): the
+    interior point alone blurs its derivative by μ/margin²; the active-set refinement
+    gives the derivative of the active-set KKT system to 1e-10."""
+    (args, z_true, active) = strict_problem(4, 6, 9, 1, seed=21)
+    Q, _, G, h, A, b = args
+    # One active multiplier per problem set to 1e-4, p rebuilt so that the KKT conditions hold.
+    first = active.to(torch.int64).argmax(-1)
+    rows = torch.arange(4)
+    lam_true = torch.zeros(4, 9, dtype=DT)
+    g = gen(22)
+    lam_true[active] = 0.5 + torch.rand(int(active.sum()), generator=g, dtype=DT)
+    lam_true[rows, first] = 1e-4
+    nu = torch.randn(4, 1, generator=g, dtype=DT)
+    p = -(Q @ z_true.unsqueeze(-1)).squeeze(-1) - (G.transpose(-1, -2) @ lam_true.unsqueeze(-1)).squeeze(-1) \
+        - (A.transpose(-1, -2) @ nu.unsqueeze(-1)).squeeze(-1)
+    args = [t.clone().requires_grad_(True) for t in (Q, p, G, h, A, b)]
+    z, info = ig.qp_solve(*args, return_info=True)
+    assert info.converged and bool(info.polished.all())
+    assert rel(z.detach(), z_true) < 1e-12
+    v = torch.randn(z.shape, generator=gen(23), dtype=DT)
+    ours = torch.autograd.grad((z * v).sum(), args)
+    ref = active_set_reference(*args, active)
+    expected = torch.autograd.grad((ref * v).sum(), args, materialize_grads=True)
+    for name, a, e in zip("QpGhAb", ours, expected):
+        e = 0.5 * (e + e.transpose(-1, -2)) if name == "Q" else e
+        assert rel(a, e) < 1e-10, (name, rel(a, e))
+
+
+def test_degenerate_constraint_keeps_the_interior_point():
+    """A constraint active with a zero multiplier (no strict complementarity): no refinement,
+    and the solution is still right."""
+    Q, p = torch.eye(2, dtype=DT), torch.tensor([-1.0, 0.0], dtype=DT)
+    G, h = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DT), torch.tensor([1.0, 0.0], dtype=DT)
+    z, info = ig.qp_solve(Q, p, G, h, return_info=True)  # z = (1, 0): both rows active, both multipliers 0
+    assert info.converged and not bool(info.polished.any())
+    # On a degenerate constraint an interior point is accurate to about √tol (tol = 1e-10).
+    assert torch.allclose(z, torch.tensor([1.0, 0.0], dtype=DT), atol=1e-4)
+
+
+def second_order_problem():
+    (args, _, active) = strict_problem(1, 6, 4, 1, seed=31)  # 3 active rows + 1 equality: 2 free directions
+    return [t[0].clone() for t in args], active
+
+
+@pytest.mark.parametrize("wrt", range(6))
+def test_double_backward_matches_active_set_reference_and_finite_differences(wrt):
+    """d/dθ ⟨u, ∇_θ ⟨v, z*(θ)⟩⟩: through qp_solve with create_graph=True, against autograd
+    through the dense active-set KKT solve and against central differences of the first
+    gradient (the active set stays fixed under the perturbation)."""
+    args, active = second_order_problem()
+    v = torch.randn(6, generator=gen(32), dtype=DT)
+
+    def first_gradient(solve, a, create_graph):
+        leaves = [t.clone().requires_grad_(True) for t in a]
+        z = solve(leaves)
+        (g,) = torch.autograd.grad((z * v).sum(), leaves[wrt], create_graph=create_graph)
+        return g, leaves
+
+    def ours(leaves):
+        return ig.qp_solve(*leaves, tol=1e-13)
+
+    def reference(leaves):
+        return active_set_reference(*[t.unsqueeze(0) for t in leaves], active)[0]
+
+    u = torch.randn(args[wrt].shape, generator=gen(33), dtype=DT)
+    g, leaves = first_gradient(ours, args, True)
+    second = torch.autograd.grad((g * u).sum(), leaves, allow_unused=True, materialize_grads=True)
+    g_ref, leaves_ref = first_gradient(reference, args, True)
+    if wrt == 0:
+        g_ref = 0.5 * (g_ref + g_ref.T)
+    assert rel(g.detach(), g_ref.detach()) < 1e-9
+    expected = torch.autograd.grad((g_ref * u).sum(), leaves_ref, materialize_grads=True)
+    step = 1e-5
+    direction = [torch.randn(t.shape, generator=gen(34 + j), dtype=DT) for j, t in enumerate(args)]
+    # One relative error over all six blocks: some blocks are exactly zero (z* is linear in p, h, b).
+    sym = [0.5 * (t + t.T) if j == 0 else t for j, t in enumerate(second)]
+    sym_expected = [0.5 * (t + t.T) if j == 0 else t for j, t in enumerate(expected)]
+    flat, flat_expected = torch.cat([t.reshape(-1) for t in sym]), torch.cat([t.reshape(-1) for t in sym_expected])
+    assert float(flat_expected.norm()) > 1e-3
+    assert rel(flat, flat_expected) < 1e-8, ("QpGhAb"[wrt], rel(flat, flat_expected))
+    plus = [t + step * d for t, d in zip(args, direction)]
+    minus = [t - step * d for t, d in zip(args, direction)]
+    fd = float(((first_gradient(ours, plus, False)[0] - first_gradient(ours, minus, False)[0]) * u).sum()) / (2 * step)
+    exact = float(sum((s * d).sum() for s, d in zip(second, direction)))
+    assert abs(exact - fd) <= 1e-6 * max(abs(fd), 1.0), ("QpGhAb"[wrt], exact, fd)
