@@ -126,6 +126,27 @@ class Case:
         loss, theta = state
         return torch.autograd.grad(loss, theta)
 
+    # -- whole call: forward (returning the given x*), outer loss, hypergradient
+    def setup_params(self):
+        return [t.detach().clone().requires_grad_(True) for t in self.theta]
+
+    def run_ig_call(self, theta):
+        x = ig.implicit_solve(
+            self.objective, self.to_x(self.x0()), self.to_theta(theta), *self.data,
+            solver=_given(self.to_x(self.x_star)), linear_solver=self.ig_linear, on_failure="ignore",
+        )
+        return torch.autograd.grad(self.outer(x), theta)
+
+    def run_floor_call(self, theta):
+        x = [t.detach().clone().requires_grad_(True) for t in self.x_star]
+        v = torch.autograd.grad(self.outer(self.to_x(x)), x)
+        return floor_hypergradient(self.objective, x, theta, v, self.K, self.to_x, self.to_theta, self.data)
+
+    def call_impls(self) -> List[Impl]:
+        """Whole calls (forward + outer loss + backward) of implicitgrad and of the floor."""
+        return [Impl("implicitgrad", self.setup_params, self.run_ig_call),
+                Impl("floor", self.setup_params, self.run_floor_call)]
+
     def impls(self) -> List[Impl]:
         out = [Impl("implicitgrad", self.setup_ig, self.run_grad)]
         if self.torchopt_solver is not None:

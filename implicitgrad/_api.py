@@ -7,15 +7,15 @@ from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union
 
 import torch
 
+from ._compat import host_readable, is_wrapped
 from ._diagnostics import SolveInfo
-from ._forward import Options, call_solver
-from ._functions import ImplicitSolve
-from ._linear import host_readable
+from ._forward import Options, call_solver, measure
+from ._functions import Carry, ImplicitSolve
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
 from ._validation import check_forward_tol, check_on_failure
 from .linalg import CG, GMRES
-from .linalg._base import LinearSolverLike
+from .linalg._base import LinearSolverLike, all_finite
 
 __all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
 
@@ -339,9 +339,20 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     if mode == "unrolled":
         x = _unrolled(cond, options, info, x_tensors, p_tensors)
     else:
-        x = ImplicitSolve.apply(cond, options, info, len(x_tensors), *x_tensors, *p_tensors)
+        carry = Carry(_backward_needs(p_tensors))
+        x = ImplicitSolve.apply(cond, options, info, carry, len(x_tensors), *x_tensors, *p_tensors)
     out = cond.codec.x_tree(list(x))
     return (out, info) if return_info else out
+
+
+def _backward_needs(p: List[torch.Tensor]) -> Optional[List[bool]]:
+    """The parameters a first-order backward pass of this call will differentiate, or
+    ``None`` when none can follow (no grad mode, nothing requires grad) or when the call
+    runs under a ``torch.func`` transform, whose backward takes the differentiable path."""
+    if not torch.is_grad_enabled() or any(is_wrapped(t) for t in p):
+        return None
+    needs = [t.requires_grad and is_float_tensor(t) for t in p]
+    return needs if any(needs) else None
 
 
 def _unrolled(cond: Condition, options: Options, info: SolveInfo, x0: List[torch.Tensor],
@@ -357,7 +368,7 @@ def _unrolled(cond: Condition, options: Options, info: SolveInfo, x0: List[torch
         x, iterations, message = call_solver(cond, solver, list(x0), list(p))
     info.forward_iterations = iterations
     info.forward_message = message
-    info.forward_residual = float(cond.residual_norms([t.detach() for t in x], p, options.on_failure)
+    info.forward_residual = float(measure(cond, [t.detach() for t in x], p, options.on_failure)[0]
                                   .square().sum().sqrt())
     info.forward_status = "unrolled"
     return x
@@ -386,12 +397,13 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) 
             "(e.g. torch.zeros(..., device='cpu'), or module.to_empty(device='cpu') followed "
             "by an initialisation)."
         )
-    for t in p_tensors:
-        if is_float_tensor(t) and host_readable(t) and not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"a parameter of shape {tuple(t.shape)} contains NaN/Inf; the inner problem "
-                "and its gradient are undefined. Check the hyperparameters and data."
-            )
+    floats = [t for t in p_tensors if is_float_tensor(t) and host_readable(t)]
+    if not all_finite(floats):
+        t = next(t for t in floats if not bool(torch.isfinite(t).all()))
+        raise ValueError(
+            f"a parameter of shape {tuple(t.shape)} contains NaN/Inf; the inner problem "
+            "and its gradient are undefined. Check the hyperparameters and data."
+        )
 
 
 def _check_complex(x_leaves: List[Any], p_leaves: List[Any]) -> None:

@@ -80,3 +80,9 @@ def remove_legacy_batch_dim(t: torch.Tensor, level: int) -> torch.Tensor:
 def add_legacy_batch_dim(t: torch.Tensor, level: int) -> torch.Tensor:
     """Batch ``t`` along dimension 0 at the given legacy vmap level."""
     return torch._add_batch_dim(t, 0, level)
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host (``bool()``, ``float()``): not a
+    batched or otherwise wrapped tensor, not a meta tensor."""
+    return not (is_wrapped(t) or is_legacy_batched(t) or t.is_meta)

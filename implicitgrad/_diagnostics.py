@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import warnings
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -142,8 +142,6 @@ class SolveInfo:
         forward_residual: norm of the optimality condition at the returned ``x``
             (``‖∇ₓf‖``, ``‖F‖`` or ``‖x − T(x)‖``). The hypergradient error is linear in
             it (Blondel et al., Efficient and Modular Implicit Differentiation, 2022).
-        initial_residual: the same norm at ``x0``, the scale the forward tolerance is
-            relative to.
         forward_iterations: iterations the inner solver reports, ``None`` if it does not.
         forward_status: ``"converged"``, ``"not_converged"``, ``"nonfinite"`` or
             ``"unrolled"``.
@@ -152,22 +150,45 @@ class SolveInfo:
             of the condition at ``x`` per problem, flattened; ``None`` for one problem.
             ``forward_residual`` is the norm over the whole batch. The forward check holds
             each problem to ``forward_tol · max(1, initial_residuals[i])``.
-        initial_residuals: the same per problem at ``x0``; ``None`` for one problem.
         backward: :class:`LinearSolveInfo` of the most recent backward (or forward-mode)
             linear solve, ``None`` until one ran.
         history: every linear solve of this node, in order (second-order derivatives
             run several).
+
+    :attr:`initial_residual` and :attr:`initial_residuals`, the same norms at ``x0``, are
+    measured on first access when the forward check did not need them (a residual at ``x``
+    below ``forward_tol`` passes whatever the scale): one evaluation of the condition.
     """
 
     forward_residual: float = float("nan")
-    initial_residual: float = float("nan")
     forward_iterations: Optional[int] = None
     forward_status: str = "unknown"
     forward_message: str = ""
     forward_residuals: Optional[List[float]] = None
-    initial_residuals: Optional[List[float]] = None
     backward: Optional[LinearSolveInfo] = None
     history: List[LinearSolveInfo] = dataclasses.field(default_factory=list)
+    # The norms of the condition at x0, per problem: a list, or a function computing it on
+    # first access (the forward check needs them only when the residual at x is large).
+    _initial: Union[None, List[float], Callable[[], List[float]]] = dataclasses.field(
+        default=None, repr=False, compare=False)
+    _batched: bool = dataclasses.field(default=False, repr=False, compare=False)
+
+    def _initial_values(self) -> Optional[List[float]]:
+        if callable(self._initial):
+            self._initial = self._initial()
+        return self._initial
+
+    @property
+    def initial_residual(self) -> float:
+        """The norm of the condition at ``x0`` (over the whole batch), the scale the forward
+        tolerance is relative to; NaN when unknown."""
+        values = self._initial_values()
+        return float("nan") if values is None else math.sqrt(sum(v * v for v in values))
+
+    @property
+    def initial_residuals(self) -> Optional[List[float]]:
+        """The norm at ``x0`` per problem of a batch; ``None`` for one problem."""
+        return self._initial_values() if self._batched else None
 
     def record(self, info: LinearSolveInfo) -> None:
         self.backward = info

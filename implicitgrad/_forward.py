@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Tuple
+import math
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._defaults import forward_tol as default_forward_tol
 from ._diagnostics import SolveInfo, report
+from ._linearize import AutogradLinearization
 from ._problem import Condition
+from .linalg._base import nonfinite_systems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +55,38 @@ def call_solver(
     return cond.codec.x_leaves(out, "the solver's output"), iterations, message
 
 
+def measure(cond: Condition, x: List[torch.Tensor], p: List[torch.Tensor], on_failure: str,
+            p_needs: Optional[Sequence[bool]] = None) -> Tuple[torch.Tensor, Optional[AutogradLinearization]]:
+    """``‖F(x, θ)‖`` per problem, and a warning about tensors the function captures.
+
+    With ``p_needs`` (a backward pass may follow) ``F`` is built with its graph on ``x`` and
+    the parameters in ``p_needs``, and that linearisation is returned for the backward
+    pass to reuse; without, ``F`` is evaluated and its graph dropped.
+    """
+    if p_needs is not None:
+        lin = AutogradLinearization(cond, x, p, list(p_needs))
+        F, outputs, xs, ps = lin.F, lin.outputs, lin.x, lin.p
+    else:
+        lin = None
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
+            ps = [t.detach() for t in p]
+            F, outputs = cond.on_graph(xs, ps, create_graph=False)
+    cond.check_graph(outputs, xs, ps, on_failure)
+    return cond.norms(F), lin
+
+
 def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[torch.Tensor],
-                p: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Solve, then measure the forward residual into ``info`` and report it."""
+                p: List[torch.Tensor], p_needs: Optional[Sequence[bool]] = None
+                ) -> Tuple[List[torch.Tensor], Optional[AutogradLinearization], Optional[torch.Tensor]]:
+    """Solve, then measure the forward residual into ``info`` and report it.
+
+    Returns ``x``, the linearisation at ``x`` built by the measurement when ``p_needs`` is
+    given (the backward pass reuses it instead of building ``F`` again), and the per-problem
+    flags of a non-finite ``x`` (``None`` when ``x`` is finite). The residuals and the
+    finiteness of ``x`` are read by the host once; the residual at ``x0``, the scale of the
+    tolerance, is evaluated only when the residual at ``x`` exceeds ``forward_tol``.
+    """
     x0 = [t.detach() for t in x0]
     p = [t.detach() for t in p]
     with torch.no_grad():
@@ -62,7 +94,12 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     x = [t.detach() for t in x]
     info.forward_iterations = iterations
     info.forward_message = message
-    if not all(bool(torch.isfinite(t).all()) for t in x):
+    info._batched = bool(cond.batch_ndim)
+    total = sum((t.sum() for t in x if t.numel()), torch.zeros((), dtype=torch.float64, device=x[0].device))
+    residuals, lin = measure(cond, x, p, options.on_failure, p_needs)
+    read = torch.cat([residuals.reshape(-1), total.double().reshape(1)]).tolist()
+    values, finite = read[:-1], math.isfinite(read[-1]) or all(bool(torch.isfinite(t).all()) for t in x)
+    if not finite:
         info.forward_status = "nonfinite"
         info.forward_residual = float("nan")
         report(
@@ -71,40 +108,46 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
             "objective for overflow.",
             options.on_failure,
         )
-        return x
-    residuals = cond.residual_norms(x, p, options.on_failure)
-    initials = cond.residual_norms(x0, p, options.on_failure, check_captured=False)
-    residual = float(residuals.square().sum().sqrt())
-    initial = float(initials.square().sum().sqrt())
-    info.forward_residual, info.initial_residual = residual, initial
+        return x, None, nonfinite_systems(None, x, None, cond.batch_ndim)
+    residual = math.sqrt(sum(v * v for v in values))
+    info.forward_residual = residual
+    if cond.batch_ndim:
+        info.forward_residuals = values
     tol = options.forward_tol
     if tol is None:
         tol = default_forward_tol(x[0].dtype if x else torch.float32)
-    # Every problem of a batch meets its own tolerance: a well-solved problem cannot hide
-    # an unsolved one in a batch norm.
-    thresholds = tol * initials.clamp_min(1.0)
-    failed = ~(residuals <= thresholds)
-    if cond.batch_ndim:
-        info.forward_residuals = residuals.flatten().tolist()
-        info.initial_residuals = initials.flatten().tolist()
-    if not bool(failed.any()):
+
+    def initial() -> List[float]:
+        return cond.value_norms(x0, p).reshape(-1).tolist()
+
+    # Every problem of a batch meets its own tolerance, tol · max(1, its initial residual):
+    # a well-solved problem cannot hide an unsolved one in a batch norm.
+    if all(v <= tol for v in values):
+        info._initial = initial
         info.forward_status = "converged"
+        return x, lin, None
+    initials = initial()
+    info._initial = initials
+    thresholds = [tol * max(1.0, i) for i in initials]
+    failed = [i for i, (v, t) in enumerate(zip(values, thresholds)) if not v <= t]
+    if not failed:
+        info.forward_status = "converged"
+        return x, lin, None
+    info.forward_status = "not_converged"
+    it = "" if iterations is None else f" after {iterations} iterations"
+    said = f" The solver said: {message}." if message else ""
+    if cond.batch_ndim:
+        worst = max(failed, key=lambda i: values[i] / thresholds[i])
+        where = (f" in {len(failed)} of {len(values)} problems of the batch (worst: "
+                 f"{values[worst]:.3e}, initial {initials[worst]:.3e}, "
+                 f"tolerance {thresholds[worst]:.3e})")
     else:
-        info.forward_status = "not_converged"
-        it = "" if iterations is None else f" after {iterations} iterations"
-        said = f" The solver said: {message}." if message else ""
-        if cond.batch_ndim:
-            worst = int(torch.argmax(torch.where(failed, residuals / thresholds, torch.zeros_like(residuals))))
-            where = (f" in {int(failed.sum())} of {failed.numel()} problems of the batch (worst: "
-                     f"{residuals.flatten()[worst]:.3e}, initial {initials.flatten()[worst]:.3e}, "
-                     f"tolerance {thresholds.flatten()[worst]:.3e})")
-        else:
-            where = f" (initial {initial:.3e}, tolerance {float(thresholds):.3e})"
-        report(
-            f"The inner solution is not stationary: ‖condition‖ = {residual:.3e}{it}{where}.{said} "
-            "The implicit gradient assumes x* solves the inner problem; its error grows linearly "
-            "with this residual. Run the inner solver longer or to a tighter tol, or pass a larger "
-            "forward_tol if this accuracy is enough.",
-            options.on_failure,
-        )
-    return x
+        where = f" (initial {initials[0]:.3e}, tolerance {thresholds[0]:.3e})"
+    report(
+        f"The inner solution is not stationary: ‖condition‖ = {residual:.3e}{it}{where}.{said} "
+        "The implicit gradient assumes x* solves the inner problem; its error grows linearly "
+        "with this residual. Run the inner solver longer or to a tighter tol, or pass a larger "
+        "forward_tol if this accuracy is enough.",
+        options.on_failure,
+    )
+    return x, lin, None

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from ._compat import (
     add_legacy_batch_dim,
+    host_readable,
     is_legacy_batched,
     is_wrapped,
     legacy_vmap_level,
@@ -28,13 +29,13 @@ from ._compat import (
 )
 from ._diagnostics import SolveInfo, report
 from ._forward import Options, run_forward
-from ._linear import host_readable, solve_linear
-from ._linearize import linearize
+from ._linear import solve_linear
+from ._linearize import AutogradLinearization, linearize
 from ._problem import Condition
 from ._rules import linear_solve_jvp, linear_solve_vjp, root_jvp, root_vjp
-from .linalg._base import nonfinite_systems, poison
+from .linalg._base import all_finite, poison
 
-__all__ = ["ImplicitSolve", "LinearSolve"]
+__all__ = ["Carry", "ImplicitSolve", "LinearSolve"]
 
 
 def _wrapped(tensors: Sequence) -> bool:
@@ -99,11 +100,24 @@ def _solver(cond: Condition, options: Options, sink: SolveInfo, x, p, differenti
     return solve
 
 
-def _guard_cotangent(cond: Condition, options: Options, x, v) -> List[torch.Tensor]:
-    """At a non-finite solution the derivative is undefined: NaN, whatever the products
-    give; a non-finite incoming gradient is reported."""
-    v = poison(list(v), nonfinite_systems(None, x, None, cond.batch_ndim), cond.batch_ndim)
-    if not all(bool(torch.isfinite(t).all()) for t in v if host_readable(t)):
+class Carry:
+    """What the forward pass of one call hands to its backward pass: the linearisation its
+    residual check built at ``x`` (``lin``, when a first-order backward can reuse it) and the
+    per-problem flags of a non-finite ``x`` (``bad``, ``None`` when ``x`` is finite)."""
+
+    def __init__(self, p_needs: Optional[Sequence[bool]] = None) -> None:
+        self.p_needs = p_needs
+        self.lin: Optional[AutogradLinearization] = None
+        self.bad: Optional[torch.Tensor] = None
+
+
+def _guard_cotangent(cond: Condition, options: Options, bad: Optional[torch.Tensor], v) -> List[torch.Tensor]:
+    """At a non-finite solution (``bad``) the derivative is undefined: NaN, whatever the
+    products give; a non-finite incoming gradient is reported."""
+    v = list(v)
+    if bad is not None:
+        v = poison(v, bad, cond.batch_ndim)
+    if not all_finite([t for t in v if host_readable(t)]):
         report(
             "implicit differentiation: the incoming gradient with respect to x* contains "
             "NaN/Inf; the hypergradient will be non-finite. Check the outer loss.",
@@ -116,14 +130,18 @@ class ImplicitSolve(torch.autograd.Function):
     """``x* = solver(x0, θ)`` with the implicit-function-theorem derivative."""
 
     @staticmethod
-    def forward(cond: Condition, options: Options, sink: SolveInfo, nx: int, *leaves):
-        x = run_forward(cond, options, sink, list(leaves[:nx]), list(leaves[nx:]))
+    def forward(cond: Condition, options: Options, sink: SolveInfo, carry: Carry, nx: int, *leaves):
+        x, carry.lin, carry.bad = run_forward(cond, options, sink, list(leaves[:nx]), list(leaves[nx:]),
+                                              carry.p_needs)
         return _fresh(x, leaves)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.cond, ctx.options, ctx.sink, ctx.nx = inputs[:4]
-        p = inputs[4 + ctx.nx :]
+        ctx.cond, ctx.options, ctx.sink, carry, ctx.nx = inputs[:5]
+        # The graph of F at x* built by the forward check serves the first backward pass.
+        ctx.lin, ctx.bad = carry.lin, carry.bad
+        carry.lin = carry.bad = None
+        p = inputs[5 + ctx.nx :]
         ctx.save_for_backward(*output, *p)
         ctx.save_for_forward(*output, *p)
 
@@ -132,19 +150,22 @@ class ImplicitSolve(torch.autograd.Function):
     def backward(ctx, *v):
         nx, cond, options = ctx.nx, ctx.cond, ctx.options
         x, p = list(ctx.saved_tensors[:nx]), list(ctx.saved_tensors[nx:])
-        p_needs = list(ctx.needs_input_grad[4 + nx :])
+        p_needs = list(ctx.needs_input_grad[5 + nx :])
         grads = [None] * len(p)
+        lin, ctx.lin = ctx.lin, None  # released after one use: it holds a graph of F
         if any(p_needs):
-            v = _guard_cotangent(cond, options, x, v)
+            v = _guard_cotangent(cond, options, ctx.bad, v)
             # First order: one graph of F serves every product and the final VJP.
             differentiable = torch.is_grad_enabled() or _wrapped(x + p + v)
             solve = _solver(cond, options, ctx.sink, x, p, differentiable)
-            grads = root_vjp(cond, x, p, v, p_needs, solve, differentiable)
-        return (None,) * (4 + nx) + tuple(grads)
+            reuse = lin if lin is not None and not differentiable and lin.serves(p_needs) else None
+            grads = root_vjp(cond, x, p, v, p_needs, solve, differentiable, lin=reuse)
+            grads = [g if need else None for g, need in zip(grads, p_needs)]
+        return (None,) * (5 + nx) + tuple(grads)
 
     @staticmethod
     @_per_slice
-    def jvp(ctx, _cond, _options, _sink, _nx, *tangents):
+    def jvp(ctx, _cond, _options, _sink, _carry, _nx, *tangents):
         nx, cond = ctx.nx, ctx.cond
         x, p = list(ctx.saved_tensors[:nx]), list(ctx.saved_tensors[nx:])
         p_dot = list(tangents[nx:])
@@ -160,9 +181,9 @@ class ImplicitSolve(torch.autograd.Function):
         return tuple(root_jvp(cond, x, p, p_dot, solve, differentiable))
 
     @staticmethod
-    def vmap(info, in_dims, cond, options, sink, nx, *leaves):
-        moved = _move_batch(leaves, in_dims[4:], info.batch_size)
-        out = ImplicitSolve.apply(cond.batched(moved[:nx]), options, sink, nx, *moved)
+    def vmap(info, in_dims, cond, options, sink, carry, nx, *leaves):
+        moved = _move_batch(leaves, in_dims[5:], info.batch_size)
+        out = ImplicitSolve.apply(cond.batched(moved[:nx]), options, sink, carry, nx, *moved)
         return out, (0,) * len(out)
 
 

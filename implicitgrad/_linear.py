@@ -12,7 +12,7 @@ from typing import Callable, List
 
 import torch
 
-from ._compat import is_legacy_batched, is_wrapped
+from ._compat import host_readable
 from ._diagnostics import SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
@@ -20,12 +20,6 @@ from .linalg._base import PytreeLayout, dot, norm, product_precision, propagate_
 
 #: Dtypes whose linear solves run in float32: their reductions lose too much precision.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def host_readable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values can be read on the host (``bool()``, ``float()``): not a
-    batched or otherwise wrapped tensor, not a meta tensor."""
-    return not (is_wrapped(t) or is_legacy_batched(t) or t.is_meta)
 
 
 def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transpose: bool,

@@ -70,8 +70,13 @@ class AutogradLinearization:
                 t.detach().requires_grad_(True) if need and t.is_floating_point() else t.detach()
                 for t, need in zip(p, p_needs)
             ]
-            self.F = cond.on_graph(self.x, self.p)[0]
+            #: ``F`` at the point, and the outputs of the user's function it came from.
+            self.F, self.outputs = cond.on_graph(self.x, self.p)
         self._dual: Optional[List[torch.Tensor]] = None
+
+    def serves(self, p_needs: Sequence[bool]) -> bool:
+        """Whether this graph reaches every parameter in ``p_needs``."""
+        return all(have or not need for have, need in zip(self.p_needs, p_needs))
 
     def rmatvec(self, u: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """``(∂ₓF)ᵀ u``."""

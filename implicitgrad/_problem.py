@@ -93,6 +93,8 @@ class Condition:
         builder: the builder that made this condition (to rebuild it batched).
         batch_ndim: leading dimensions of every leaf that index independent problems.
         parent: the unbatched condition this one vmaps, ``None`` if not batched.
+        output: what messages call the user's result when the condition can fail to depend
+            on ``x`` (``None`` for ``x − T(x, θ)``, which always does).
     """
 
     name: str
@@ -101,9 +103,10 @@ class Condition:
     fn: Callable[..., Any]
     codec: Codec
     builder: Callable[[Callable[..., Any], Codec], Condition]
-    graph: Callable[[Leaves, Leaves], Tuple[Leaves, Leaves]]
+    graph: Callable[[Leaves, Leaves, bool], Tuple[Leaves, Leaves]]
     func: Callable[[Leaves, Leaves], Leaves]
     combine: Callable[[Any], Any] = lambda out: out  # noqa: E731 - how vmapped outputs combine
+    output: Optional[str] = None  # what messages call the function's result, if it may ignore x
     batch_ndim: int = 0
     parent: Optional[Condition] = None
 
@@ -111,10 +114,11 @@ class Condition:
         """The user's function at flat ``(x, θ)``."""
         return self.fn(self.codec.x_tree(x), *self.codec.params_tree(p))
 
-    def on_graph(self, x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
-        """``F`` built with a graph on ``x`` (tensors that require grad), and the outputs of
-        the user's function it came from."""
-        return self.graph(x, p)
+    def on_graph(self, x: Leaves, p: Leaves, create_graph: bool = True) -> Tuple[Leaves, Leaves]:
+        """``F`` built on ``x`` (tensors that require grad), and the outputs of the user's
+        function it came from; with ``create_graph`` the graph of ``F`` is kept, so that
+        products with its Jacobians can follow."""
+        return self.graph(x, p, create_graph)
 
     def __call__(self, x: Leaves, p: Leaves) -> Leaves:
         """``F`` as a function ``torch.func`` transforms compose with."""
@@ -132,36 +136,42 @@ class Condition:
         return dataclasses.replace(out, batch_ndim=self.batch_ndim + 1, parent=self)
 
     # ------------------------------------------------------------------ measurement
-    def residual_norms(
-        self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor], on_failure: str,
-        check_captured: bool = True,
-    ) -> torch.Tensor:
-        """``‖F(x, θ)‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in
-        float64; optionally warns about captured tensors."""
-        with torch.enable_grad():
-            xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
-            cond, outputs = self.on_graph(xs, [t.detach() for t in p])
-            if check_captured:
-                self._check_captured(outputs, xs, on_failure)
+    def norms(self, F: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``‖F‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64."""
+        n = self.batch_ndim
         with torch.no_grad():
-            n = self.batch_ndim
-            squares = sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in cond)
+            squares = sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in F)
             return torch.sqrt(cast(torch.Tensor, squares))
 
-    def _check_captured(self, roots: Sequence[torch.Tensor], own: Sequence[torch.Tensor], on_failure: str) -> None:
-        """Warn when the function reaches tensors that require grad but are not params."""
-        own_ids = {id(t) for t in own}
+    def value_norms(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``‖F(x, θ)‖`` per problem, evaluated without a graph kept."""
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
+            F, _ = self.graph(xs, [t.detach() for t in p], False)
+        return self.norms(F)
+
+    def check_graph(self, roots: Sequence[torch.Tensor], x: Sequence[torch.Tensor],
+                    p: Sequence[torch.Tensor], on_failure: str) -> None:
+        """One walk of the graph of the user's outputs ``roots`` built on the leaves ``x``
+        and ``p``: an error when it never reaches ``x`` (the condition does not depend on
+        ``x``), a warning when it reaches tensors that require grad but are not params."""
+        x_ids, own_ids = {id(t) for t in x}, {id(t) for t in (*x, *p)}
         seen: Set[Any] = set()
         stack, foreign = [r.grad_fn for r in roots if r.grad_fn is not None], []
+        reached = False
         while stack and len(seen) < 100_000:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
             var = getattr(node, "variable", None)
-            if var is not None and id(var) not in own_ids:
-                foreign.append(var)
+            if var is not None:
+                reached = reached or id(var) in x_ids
+                if id(var) not in own_ids:
+                    foreign.append(var)
             stack.extend(n for n, _ in node.next_functions if n is not None)
+        if not reached and len(seen) < 100_000 and self.output is not None:
+            _require_dependence(self.name, self.output, [])
         if foreign:
             shapes = ", ".join(str(tuple(v.shape)) for v in foreign[:5])
             report(
@@ -194,16 +204,18 @@ def objective(fn: Callable[..., Any], codec: Codec) -> Condition:
             )
         return out.reshape(())
 
-    def graph(x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+    def graph(x: Leaves, p: Leaves, create_graph: bool) -> Tuple[Leaves, Leaves]:
         v = value(x, p)
         _require_dependence("objective", "value", [v])
-        grads = torch.autograd.grad(v, x, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(v, x, create_graph=create_graph, allow_unused=True,
+                                    materialize_grads=True)
         return list(grads), [v]
 
     def func(x: Leaves, p: Leaves) -> Leaves:
         return list(torch.func.grad(lambda xx: value(xx, p))(x))
 
-    return Condition("objective", "∇²ₓf", True, fn, codec, objective, graph, func, combine=_sum)
+    return Condition("objective", "∇²ₓf", True, fn, codec, objective, graph, func, combine=_sum,
+                     output="value")
 
 
 def residual(fn: Callable[..., Any], codec: Codec) -> Condition:
@@ -212,12 +224,12 @@ def residual(fn: Callable[..., Any], codec: Codec) -> Condition:
     def func(x: Leaves, p: Leaves) -> Leaves:
         return codec.x_leaves(fn(codec.x_tree(x), *codec.params_tree(p)), "the residual output")
 
-    def graph(x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+    def graph(x: Leaves, p: Leaves, create_graph: bool) -> Tuple[Leaves, Leaves]:
         out = func(x, p)
         _require_dependence("residual", "output", out)
         return out, out
 
-    return Condition("residual", "∂ₓF", False, fn, codec, residual, graph, func)
+    return Condition("residual", "∂ₓF", False, fn, codec, residual, graph, func, output="output")
 
 
 def mapping(fn: Callable[..., Any], codec: Codec) -> Condition:
@@ -227,7 +239,7 @@ def mapping(fn: Callable[..., Any], codec: Codec) -> Condition:
         t = codec.x_leaves(fn(codec.x_tree(x), *codec.params_tree(p)), "the mapping output")
         return [xi - ti for xi, ti in zip(x, t)]
 
-    def graph(x: Leaves, p: Leaves) -> Tuple[Leaves, Leaves]:
+    def graph(x: Leaves, p: Leaves, create_graph: bool) -> Tuple[Leaves, Leaves]:
         out = func(x, p)
         return out, out
 

@@ -34,9 +34,11 @@ Tensors = Sequence[torch.Tensor]
 
 
 def root_vjp(cond: Condition, x: Tensors, p: Tensors, v: Tensors, p_needs: Sequence[bool],
-             solve: Solve, differentiable: bool) -> List[Optional[torch.Tensor]]:
-    """``−(∂_θF)ᵀ (∂ₓF)⁻ᵀ v`` for the parameters in ``p_needs`` (``None`` for the others)."""
-    lin = linearize(cond, x, p, p_needs, differentiable)
+             solve: Solve, differentiable: bool, lin: Optional[object] = None) -> List[Optional[torch.Tensor]]:
+    """``−(∂_θF)ᵀ (∂ₓF)⁻ᵀ v`` for the parameters in ``p_needs`` (``None`` for the others);
+    ``lin``: a linearisation at ``(x, θ)`` already built (by the forward check), if any."""
+    if lin is None:
+        lin = linearize(cond, x, p, p_needs, differentiable)
     u = solve(lin, True, list(v))
     return [None if g is None else -g for g in lin.vjp_params(u)]
 
