@@ -16,16 +16,29 @@ bfloat16   1.5e-2          1e-4           3e-2             as float32
   ``implicit_solve`` reports the inner solution as not stationary.
 * check: the finite-difference step and the tolerances of
   :func:`~implicitgrad.testing.check_hypergradient`.
+
+:func:`default_linear_solver` is the backward linear solver used when none is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 import torch
 
-__all__ = ["Tolerances", "check_settings", "forward_tol", "inner_tol", "linear_tol", "tolerances"]
+if TYPE_CHECKING:
+    from .linalg import LinearSolver
+
+__all__ = [
+    "Tolerances",
+    "check_settings",
+    "default_linear_solver",
+    "forward_tol",
+    "inner_tol",
+    "linear_tol",
+    "tolerances",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +88,15 @@ def forward_tol(dtype: torch.dtype) -> float:
 def check_settings(dtype: torch.dtype) -> Dict[str, float]:
     """``check_hypergradient``'s finite-difference step and tolerances (a fresh dict)."""
     return dict(tolerances(dtype).check)
+
+
+def default_linear_solver(symmetric: bool) -> LinearSolver:
+    """The backward linear solver used when none is given, from the condition's ``symmetric`` flag.
+
+    :class:`~implicitgrad.CG` when ``A = ∂ₓF`` is symmetric by construction (an
+    objective's Hessian), :class:`~implicitgrad.GMRES` otherwise (a residual's Jacobian,
+    ``I − ∂ₓT`` of a mapping).
+    """
+    from .linalg import CG, GMRES  # linalg reads its tolerances from this module
+
+    return CG() if symmetric else GMRES()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import implicitgrad as ig
+from implicitgrad.testing import relative_error
 
 #: The dtypes every linear solver is run in, and the transforms of a hypergradient each is
 #: run under (tests/test_matrix.py crosses the three).
@@ -54,7 +55,5 @@ def symmetric_matrix(eigenvalues, dtype=torch.float64, seed: int = 0) -> torch.T
     return (q @ torch.diag(lam) @ q.T).to(dtype)
 
 
-def rel_err(a, b) -> float:
-    """``‖a − b‖ / ‖b‖`` in float64, on detached values: the one relative error of the suites."""
-    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+#: ``‖a − b‖ / ‖b‖`` in float64, on detached values: the one relative error of the suites.
+rel_err = relative_error

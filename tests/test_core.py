@@ -6,20 +6,13 @@ import math
 
 import pytest
 import torch
-from problems import (
-    DT,
-    logistic_data,
-    logistic_objective,
-    newton_solver,
-    ridge_closed_form,
-    ridge_data,
-    ridge_objective,
-    ridge_solver,
-    val_loss,
-)
+from problems import DT, logistic_data, logistic_objective, newton_solver, ridge_data, ridge_solver
 from registry import linear_solvers, rel_err
 
 import implicitgrad as ig
+from implicitgrad.testing.problems import ridge_objective
+from implicitgrad.testing.problems import ridge_solution as ridge_closed_form
+from implicitgrad.testing.problems import squared_loss as val_loss
 
 X, Y, XV, YV = ridge_data()
 H_RIDGE_MAX = float(torch.linalg.eigvalsh(X.T @ X).max()) + math.exp(0.5)

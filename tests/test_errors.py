@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import DT, ridge_data, ridge_objective, ridge_solver, val_loss
+from problems import DT, ridge_data, ridge_solver
 
 import implicitgrad as ig
+from implicitgrad.testing.problems import ridge_objective
+from implicitgrad.testing.problems import squared_loss as val_loss
 
 X, Y, XV, YV = ridge_data()
 W0 = torch.zeros(6, dtype=DT)

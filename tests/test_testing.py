@@ -19,6 +19,7 @@ from implicitgrad.testing import (
     check_hypergradient,
     outer_takes_params,
     problems,
+    relative_error,
 )
 
 D = torch.float64
@@ -429,6 +430,94 @@ def test_hypergradient_helper_matches_closed_form():
     problem = problems.quadratic_problem(x_layout={"a": (2,), "b": [(), (1,)]}, params_layout=[(3,)], cond=10)
     gradient = problem.hypergradient(ig.Exact())
     torch.testing.assert_close(gradient[0], problem.exact_hypergradient[0], rtol=1e-12, atol=1e-14)
+
+
+def test_default_solvers_are_named_in_the_report_and_used_by_every_reference():
+    objective, solver, outer, b, _, _ = quadratic()
+    report = check_hypergradient(objective, torch.zeros(3, dtype=D), b, solver=solver, outer=outer)
+    assert report.settings["linear_solver"].startswith("CG(") and report.settings["linear_solver"].endswith(
+        "(default)")
+    assert report.backward.solver == "CG"
+    root = check_hypergradient(lambda x, b: x - b, torch.zeros(3, dtype=D), b, solver=lambda f, x0, b: b.clone(),
+                               outer=outer, kind="residual")
+    assert root.ok and root.settings["linear_solver"].startswith("GMRES(") and root.backward.solver == "GMRES"
+    # solver=None for a mapping is FixedPointIteration for the implicit gradient, the finite
+    # differences and the unrolled reference alike: its iterations are those it reports.
+    c = torch.tensor([0.3, -0.4], dtype=D, requires_grad=True)
+    mapping = check_hypergradient(lambda x, c: 0.5 * torch.tanh(x) + c, torch.zeros(2, dtype=D), c,
+                                  solver=None, outer=lambda x: (x ** 2).sum(), kind="mapping")
+    default = ig.solvers.FixedPointIteration()
+    _, stats = default.run(lambda x, c: 0.5 * torch.tanh(x) + c, torch.zeros(2, dtype=D), c.detach())
+    assert mapping.ok and mapping.settings["solver"] == repr(default)
+    assert mapping.forward_iterations == stats.iterations
+
+
+@pytest.mark.parametrize(
+    "actual, expected, atol, want",
+    [
+        (torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]), 0.0, 0.5 / 7.25 ** 0.5),
+        ({"w": torch.ones(2), "b": [torch.tensor(3.0)]}, {"w": torch.zeros(2), "b": [torch.tensor(4.0)]}, 0.0,
+         3 ** 0.5 / 4),
+        (1.5, 2.0, 0.0, 0.25),
+        (torch.tensor([1e-8]), torch.tensor([0.0]), 1e-3, 1e-5),
+        (torch.zeros(2), torch.zeros(2), 0.0, 0.0),
+        (torch.ones(2), torch.zeros(2), 0.0, float("inf")),
+        (torch.tensor([float("nan")]), torch.ones(1), 0.0, float("inf")),
+    ],
+)
+def test_relative_error_follows_its_definition(actual, expected, atol, want):
+    got = relative_error(actual, expected, atol)
+    assert got == want if want in (0.0, float("inf")) else got == pytest.approx(want, rel=1e-12)
+
+
+def test_relative_error_is_float64_and_rejects_mismatched_structures():
+    a, b = torch.tensor([1.0 + 2 ** -20], dtype=torch.float32), torch.tensor([1.0], dtype=torch.float32)
+    assert relative_error(a, b) == pytest.approx(2 ** -20, rel=1e-12)
+    with pytest.raises(ValueError, match="leaves"):
+        relative_error([torch.ones(1)], [torch.ones(1), torch.ones(1)])
+    with pytest.raises(ValueError, match="None"):
+        relative_error([None, torch.ones(1)], [torch.ones(1), None])
+    with pytest.raises(ValueError, match="atol"):
+        relative_error(torch.ones(1), torch.ones(1), atol=-1.0)
+
+
+def _data(n=30, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=D)
+    y = torch.sign(X @ torch.randn(d, generator=g, dtype=D) + torch.randn(n, generator=g, dtype=D))
+    return X, y, torch.linspace(-2.0, 0.5, d, dtype=D)
+
+
+@pytest.mark.parametrize("per_feature", [True, False])
+def test_ridge_solution_minimises_ridge_objective(per_feature):
+    X, y, log_lam = _data()
+    log_lam = log_lam if per_feature else log_lam[0]
+    w = problems.ridge_solution(log_lam, X, y)
+    assert float(torch.func.grad(problems.ridge_objective)(w, log_lam, X, y).norm()) < 1e-12
+    lam = log_lam.exp() * torch.ones(4, dtype=D)
+    expected = 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (lam * w * w).sum()
+    assert float(problems.ridge_objective(w, log_lam, X, y)) == pytest.approx(float(expected), rel=1e-14)
+    assert float(problems.squared_loss(w, X, y)) == pytest.approx(float(((X @ w - y) ** 2).sum() / 60), rel=1e-14)
+
+
+def test_logistic_solution_is_the_minimiser_newton_finds():
+    X, y, log_lam = _data()
+    w = problems.logistic_solution(log_lam, X, y)
+    assert float(torch.func.grad(problems.logistic_objective)(w, log_lam, X, y).norm()) < 1e-12
+    reference = problems.Newton()(problems.logistic_objective, torch.zeros(4, dtype=D), log_lam, X, y)
+    assert relative_error(w, reference) < 1e-12
+    loss = torch.log1p(torch.exp(-y * (X @ w))).mean()
+    assert float(problems.logistic_loss(w, X, y)) == pytest.approx(float(loss), rel=1e-13)
+
+
+def test_logistic_problem_is_built_from_the_public_pieces():
+    problem = problems.logistic_problem(n_samples=12, n_features=3, seed=2)
+    rho = problem.params[0].detach()
+    w = problem.solver(problem.objective, problem.x0, rho)
+    g = torch.func.grad(problem.objective)(w, rho)
+    assert float(g.norm()) < 1e-12
+    ridge = problems.ridge_problem(n_samples=5, n_features=3, per_feature=True)
+    assert ridge.check().ok
 
 
 # --------------------------------------------------------------------------- strategies

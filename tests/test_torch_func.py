@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
-from problems import DT, ridge_closed_form, ridge_data, ridge_objective, ridge_solver, val_loss
+from problems import DT, ridge_data, ridge_solver
 from registry import rel_err
 
 import implicitgrad as ig
+from implicitgrad.testing.problems import ridge_objective
+from implicitgrad.testing.problems import ridge_solution as ridge_closed_form
+from implicitgrad.testing.problems import squared_loss as val_loss
 
 X, Y, XV, YV = ridge_data()
 D = X.shape[1]

@@ -3,6 +3,8 @@
 * :func:`check_hypergradient` / :func:`assert_hypergradient` compare the implicit
   hypergradient of a user's problem with a dense solve, finite differences through
   re-solving and unrolled differentiation, and explain a mismatch.
+* :func:`relative_error` is the one relative error ``‖a − r‖ / ‖r‖`` (over pytrees, in
+  float64) the checks, the test suites and the benchmarks report.
 * :mod:`implicitgrad.testing.problems` builds well-posed bilevel problems (quadratic,
   ridge, logistic, pytree-structured, iMAML-style) with known solutions.
 * :mod:`implicitgrad.testing.strategies` draws them as Hypothesis strategies (imported on
@@ -12,6 +14,7 @@
 from typing import Any
 
 from . import problems
+from ._report import relative_error
 from .check import (
     HypergradientCheckError,
     HypergradientReport,
@@ -27,6 +30,7 @@ __all__ = [
     "check_hypergradient",
     "outer_takes_params",
     "problems",
+    "relative_error",
     "strategies",
 ]
 

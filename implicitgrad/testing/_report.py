@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .._diagnostics import LinearSolveInfo
+from .._tree import tree_flatten
 
 REFERENCES = ("exact", "finite_differences", "unrolled")
 CONDITION = {"objective": "‖∇ₓf‖", "residual": "‖F‖", "mapping": "‖x − T(x)‖"}
@@ -226,8 +227,60 @@ def passes(report: HypergradientReport, ref: str) -> bool:
     return report.errors[ref] <= tol and all(e <= tol for e in report.parameter_errors[ref].values())
 
 
-def relative_error(mine: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], atol: float) -> float:
-    diff = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(mine, ref)))
-    scale = math.sqrt(sum(float((b ** 2).sum()) for b in ref))
-    error = diff / max(scale, atol)
+def relative_error(actual: Any, expected: Any, atol: float = 0.0) -> float:
+    r"""The relative error of ``actual`` against ``expected``, over every leaf, in float64.
+
+    .. math::
+
+        e = \frac{\|a - r\|_2}{\max(\|r\|_2,\ \text{atol})}
+
+    with the norms taken over all leaves together. ``atol`` is the norm of ``expected``
+    below which the error is judged absolutely (``atol=0``: purely relative; then an
+    ``expected`` of zero gives 0 if ``actual`` equals it, else ``inf``). The values are
+    detached and compared in float64; leaves broadcast against each other as in
+    ``a - r``. A NaN or Inf gives ``inf``, so ``relative_error(...) <= tol`` fails.
+
+    Args:
+        actual: a Tensor, a number, or a pytree (tuple / list / dict) of them.
+        expected: the reference, with the same leaves as ``actual`` (``None`` leaves
+            must sit at the same places in both and are skipped).
+        atol: the floor of the denominator, ``≥ 0``.
+
+    Raises:
+        ValueError: the two have different numbers of leaves, or ``None`` leaves at
+            different places, or ``atol`` is negative.
+
+    Example:
+        >>> import torch
+        >>> from implicitgrad.testing import relative_error
+        >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+        0.18569533817705186
+        >>> relative_error({"w": torch.ones(2)}, {"w": torch.ones(2)})
+        0.0
+    """
+    if not atol >= 0:
+        raise ValueError(f"relative_error: atol must be non-negative, got {atol!r}.")
+    a_leaves, e_leaves = tree_flatten(actual)[0], tree_flatten(expected)[0]
+    if len(a_leaves) != len(e_leaves):
+        raise ValueError(
+            f"relative_error: actual has {len(a_leaves)} leaves but expected has {len(e_leaves)}; "
+            "compare values of the same structure."
+        )
+    diff_sq = scale_sq = 0.0
+    for a, e in zip(a_leaves, e_leaves):
+        if a is None or e is None:
+            if a is not e:
+                raise ValueError("relative_error: a None leaf of one argument faces a value in the other.")
+            continue
+        a, e = _float64(a), _float64(e)
+        diff_sq += float(((a - e) ** 2).sum())
+        scale_sq += float((e ** 2).sum())
+    diff, denominator = math.sqrt(diff_sq), max(math.sqrt(scale_sq), atol)
+    if denominator == 0:
+        return 0.0 if diff == 0 else math.inf
+    error = diff / denominator
     return error if math.isfinite(error) else math.inf
+
+
+def _float64(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value).detach().to(torch.float64)

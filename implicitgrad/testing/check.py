@@ -29,6 +29,7 @@ so a parameter whose true gradient is zero does not demand infinite relative acc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,9 +37,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from .._api import fixed_point_solve, implicit_solve, root_solve
-from .._defaults import check_settings
+from .._defaults import check_settings, default_linear_solver
+from .._problem import BUILDERS, Codec
 from .._tree import tree_flatten, tree_leaf_names, tree_unflatten
-from ..linalg import CG, GMRES, Exact
+from ..linalg import Exact
 from ..solvers import FixedPointIteration
 from ._report import (
     REFERENCES,
@@ -60,10 +62,22 @@ __all__ = [
 # Five-point central stencil: f'(θ) ≈ Σ w_k f(θ + o_k h) / h, truncation error O(h⁴).
 _STENCIL_OFFSETS = (2.0, 1.0, -1.0, -2.0)
 _STENCIL_WEIGHTS = (-1.0 / 12, 8.0 / 12, -8.0 / 12, 1.0 / 12)
-_SOLVE: Dict[str, Callable[..., Any]] = {
-    "objective": implicit_solve, "residual": root_solve, "mapping": fixed_point_solve,
-}
 
+
+@dataclasses.dataclass(frozen=True)
+class _Form:
+    """How the check solves one form of condition: the core entry point, and the inner
+    solver built when ``solver=None`` (``None``: a solver is required)."""
+
+    solve: Callable[..., Any]
+    default_solver: Optional[Callable[[], Callable[..., Any]]] = None
+
+
+_FORMS: Dict[str, _Form] = {
+    "objective": _Form(implicit_solve),
+    "residual": _Form(root_solve),
+    "mapping": _Form(fixed_point_solve, FixedPointIteration),
+}
 
 
 def outer_takes_params(outer: Callable, n_params: int) -> bool:
@@ -86,7 +100,7 @@ def outer_takes_params(outer: Callable, n_params: int) -> bool:
     positional = [p for p in signature.parameters.values()
                   if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
     required = sum(p.default is kinds.empty for p in positional)
-    if any(p.kind == kinds.VAR_POSITIONAL for p in signature.parameters.values()):
+    if any(p.kind is kinds.VAR_POSITIONAL for p in signature.parameters.values()):
         return True
     if required == 1 + n_params:
         return True
@@ -209,14 +223,19 @@ def check_hypergradient(
     x0 = _cast_tree(x0, dtype)
     flat, spec, names, wrt = _parameter_leaves(params, dtype)
     takes_params = outer_takes_params(outer, len(params))
+    if solver is None:
+        solver = _FORMS[kind].default_solver()
+    linear_described = repr(linear_solver)
+    if linear_solver is None:
+        linear_solver = _default_linear_solver(kind, objective, x0, params)
+        linear_described = f"{linear_solver!r} (default)"
     run = _Runner(objective, x0, flat, spec, wrt, solver, outer, takes_params, kind)
     settings.update(
         kind=kind,
         dtype=str(run_dtype).replace("torch.", ""),
         outer_call="outer(x, *params)" if takes_params else "outer(x)",
-        solver=_describe(solver) if solver is not None else "FixedPointIteration()",
-        linear_solver=repr(linear_solver) if linear_solver is not None else
-        f"{CG() if kind == 'objective' else GMRES()!r} (default)",
+        solver=_describe(solver),
+        linear_solver=linear_described,
         fd_directions=fd_directions,
     )
     log = _WarningLog()
@@ -251,7 +270,7 @@ def check_hypergradient(
                 settings["eps"], fd_directions, seed
             )
     if "unrolled" in references:
-        if not getattr(solver, "unrollable", solver is None and kind == "mapping"):
+        if not getattr(solver, "unrollable", False):
             skipped["unrolled"] = f"the solver {settings['solver']} does not declare unrollable = True"
         else:
             try:
@@ -351,7 +370,7 @@ class _Runner:
 
     def hypergradient(self, mode: str, linear_solver) -> Tuple[List[torch.Tensor], Any]:
         params, inputs = self.tracked()
-        x, info = _SOLVE[self.kind](
+        x, info = _FORMS[self.kind].solve(
             self.objective, self.x0, *params, solver=self.solver, linear_solver=linear_solver, mode=mode,
             on_failure="warn", return_info=True,
         )
@@ -364,9 +383,8 @@ class _Runner:
         return _grad(self.loss(x, params), inputs)
 
     def solve(self, leaves: Sequence[Any]) -> Any:
-        solver = self.solver if self.solver is not None else FixedPointIteration()
         with torch.no_grad():
-            return solver(self.objective, self.x0, *self.params(leaves))
+            return self.solver(self.objective, self.x0, *self.params(leaves))
 
     def finite_differences(self, eps: float, directions: Optional[int], seed: int):
         """Five-point differences per leaf, and whether the solver's output moved at all."""
@@ -478,13 +496,24 @@ def _first_float_dtype(x0: Any, params: Tuple[Any, ...]) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def _default_linear_solver(kind: str, fn: Callable, x0: Any, params: Tuple[Any, ...]) -> Any:
+    """The linear solver the core picks when none is given, from the built condition's symmetry."""
+    x_leaves, x_spec = tree_flatten(x0)
+    p_leaves, p_spec = tree_flatten(tuple(params))
+    condition = BUILDERS[kind](fn, Codec(x_spec, tuple(x_leaves), p_spec, tuple(p_leaves)))
+    return default_linear_solver(condition.symmetric)
+
+
 def _validate(objective, solver, outer, kind, references, fd_directions) -> None:
-    if kind not in _SOLVE:
-        raise ValueError(f"kind must be one of {tuple(_SOLVE)}, got {kind!r}.")
+    if kind not in _FORMS:
+        raise ValueError(f"kind must be one of {tuple(_FORMS)}, got {kind!r}.")
     if not callable(objective):
         raise TypeError(f"the {kind} function must be callable as {kind}(x, *params).")
-    if solver is None and kind != "mapping":
-        raise TypeError("solver must be a callable solver(fn, x0, *params) -> x (None only for kind='mapping').")
+    if solver is None and _FORMS[kind].default_solver is None:
+        without = [k for k, form in _FORMS.items() if form.default_solver is not None]
+        raise TypeError(
+            f"solver must be a callable solver(fn, x0, *params) -> x (None only for kind in {without})."
+        )
     if solver is not None and not callable(solver):
         raise TypeError(f"solver must be callable as solver(fn, x0, *params), got {type(solver).__name__}.")
     if not callable(outer):

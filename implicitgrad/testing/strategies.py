@@ -111,8 +111,8 @@ def layouts(max_size: int = 6) -> st.SearchStrategy:
         budget = [max_size]
 
         def node(depth: int):
-            kind = draw(st.sampled_from(("leaf", "list", "dict") if depth < 2 else ("leaf",)))
-            if kind == "leaf":
+            node_type = draw(st.sampled_from(("leaf", "list", "dict") if depth < 2 else ("leaf",)))
+            if node_type == "leaf":
                 shape = draw(st.sampled_from([s for s in LEAF_SHAPES if math.prod(s) <= budget[0]]))
                 budget[0] -= math.prod(shape)
                 return shape
@@ -121,7 +121,7 @@ def layouts(max_size: int = 6) -> st.SearchStrategy:
                 if budget[0] < 1:
                     break
                 items.append(node(depth + 1))
-            return items if kind == "list" else dict(zip("abc", items))
+            return items if node_type == "list" else dict(zip("abc", items))
 
         return node(0)
 
