@@ -227,3 +227,67 @@ def test_agrees_with_torchdeq():
     (theirs,) = torch.autograd.grad(zs[-1].square().sum(), cell.W)
     assert rel(z.detach(), zs[-1].detach()) < 1e-8
     assert rel(ours, theirs) < 1e-6
+
+
+# ------------------------------------------------------------------------- forward mode
+def dense_tangent(cell, z, x, b):
+    """Per sample, ż = (I − ∂f/∂z)⁻¹ b by a dense solve."""
+    out = []
+    for i in range(x.shape[0]):
+        J = sample_jacobian(cell, z, x, i)
+        out.append(torch.linalg.solve(torch.eye(J.shape[0], dtype=DT) - J, b[i]))
+    return torch.stack(out)
+
+
+def unrolled(cell, x, params=None, steps=400):
+    """The plain iteration z ← f(z, x) from zero, differentiable by any transform."""
+    z = torch.zeros_like(x)
+    for _ in range(steps):
+        z = cell(z, x) if params is None else torch.func.functional_call(cell, params, (z, x))
+    return z
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_jvp_in_the_input_matches_dense_solve_and_unrolled_iteration(grad_mode):
+    cell, x, xdot = Cell(), data(), data(seed=5)
+    deq = DEQ(cell, **tight())
+    with torch.set_grad_enabled(grad_mode):
+        z, zdot = torch.func.jvp(deq, (x,), (xdot,))
+    zs = z.detach()
+    (b,) = torch.func.jvp(lambda xx: cell(zs, xx), (x,), (xdot,))[1:]
+    assert rel(zdot, dense_tangent(cell, zs, x, b.detach())) < 1e-10
+    with torch.no_grad():
+        _, zdot_unrolled = torch.func.jvp(lambda xx: unrolled(cell, xx), (x,), (xdot,))
+    assert rel(zdot, zdot_unrolled) < 1e-10
+
+
+def test_jvp_in_the_parameters_matches_dense_solve_and_unrolled_iteration():
+    cell, x = Cell(), data()
+    deq = DEQ(cell, **tight())
+    params = {k: v.detach() for k, v in cell.named_parameters()}
+    g = torch.Generator().manual_seed(6)
+    tangents = {k: torch.randn(v.shape, generator=g, dtype=DT) for k, v in params.items()}
+    z, zdot = torch.func.jvp(lambda p: torch.func.functional_call(deq, {f"f.{k}": v for k, v in p.items()}, (x,)),
+                             (params,), (tangents,))
+    zs = z.detach()
+    _, b = torch.func.jvp(lambda p: torch.func.functional_call(cell, p, (zs, x)), (params,), (tangents,))
+    assert rel(zdot, dense_tangent(cell, zs, x, b)) < 1e-10
+    with torch.no_grad():
+        _, zdot_unrolled = torch.func.jvp(lambda p: unrolled(cell, x, p), (params,), (tangents,))
+    assert rel(zdot, zdot_unrolled) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["phantom", "jacobian_free"])
+def test_jvp_of_the_approximate_modes_is_the_transpose_of_their_backward(mode):
+    """Forward mode through phantom / Jacobian-free gives the same approximation as their
+    backward: ⟨u, J̃ ẋ⟩ = ⟨J̃ᵀ u, ẋ⟩; for Jacobian-free, J̃ ẋ = ∂f/∂x ẋ at z*."""
+    cell, x, xdot, u = Cell(), data(), data(seed=5), data(seed=7)
+    deq = DEQ(cell, backward=mode, **tight())
+    z, zdot = torch.func.jvp(deq, (x,), (xdot,))
+    leaf = x.clone().requires_grad_(True)
+    (xbar,) = torch.autograd.grad(deq(leaf), leaf, u)
+    assert abs(float((u * zdot).sum() - (xbar * xdot).sum())) < 1e-12 * float(zdot.norm() * u.norm())
+    if mode == "jacobian_free":
+        z_star = DEQ(cell, **tight())(x).detach()
+        _, expected = torch.func.jvp(lambda xx: cell(z_star, xx), (x,), (xdot,))
+        assert rel(zdot, expected) < 1e-12

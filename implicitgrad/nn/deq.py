@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .._api import fixed_point_solve
+from .._compat import is_wrapped
 from .._diagnostics import ON_FAILURE, SolveInfo
 from .._validation import check_count, check_fraction, check_positive_number
 from ..linalg import GMRES, LinearSolver
@@ -95,6 +96,14 @@ class DEQ(nn.Module):
     * ``"jacobian_free"`` (Fung et al., 2022): the output is :math:`f(z^\star, x)` with
       :math:`z^\star` detached, i.e. :math:`(I - J)^{-1}` replaced by :math:`I`; cheapest,
       and an approximation whose error grows with :math:`\|J\|`.
+
+    **Forward mode.** ``torch.func.jvp`` through the layer (in ``x`` or, with
+    ``torch.func.functional_call``, in the parameters of ``f``) gives, with ``"implicit"``,
+    :math:`\dot z = (I - \partial_z f)^{-1} (\partial_x f\, \dot x + \partial_\theta f\,
+    \dot\theta)`, one linear solve per sample (the ``linear_solver``); with ``"phantom"`` and
+    ``"jacobian_free"`` it is the forward mode of the same approximation as their backward.
+    Under a ``torch.func`` transform each sample holds its own copy of the parameters
+    (memory: batch × parameters).
 
     The approximate modes are cheaper per step but not the gradient of the layer: their
     error against the implicit gradient is measured in the how-to guide
@@ -212,7 +221,10 @@ class DEQ(nn.Module):
         params: Dict[str, torch.Tensor] = dict(self.f.named_parameters())
         detached = {k: v.detach() for k, v in params.items()}
         z_star, stats = self._solve(z0.detach(), x.detach(), detached)
-        implicit = self.backward_mode == "implicit" and torch.is_grad_enabled()
+        # Inside a torch.func transform (jvp, grad, vmap) the tangents travel with the
+        # tensors, whatever the grad mode.
+        transformed = any(is_wrapped(t) for t in (x, *params.values()))
+        implicit = self.backward_mode == "implicit" and (torch.is_grad_enabled() or transformed)
         z, solve_info = self._attach(z_star, stats, z0.detach(), x if implicit else x.detach(),
                                      params if implicit else detached)
         if torch.is_grad_enabled() and self.backward_mode == "phantom":
@@ -271,7 +283,15 @@ class DEQ(nn.Module):
             infos.append(info)
             return z
 
-        z = torch.func.vmap(one, in_dims=(0, 0, None))(z0, x, params)
+        if any(is_wrapped(t) for t in (x, *params.values())):
+            # Under a torch.func transform a parameter shared by the samples would be expanded
+            # with stride 0, and the zero tangent forward mode gives it cannot become a dual
+            # tensor: every sample gets its own copy (memory: batch × parameters).
+            batch = x.shape[0]
+            params = {k: v.unsqueeze(0).expand(batch, *v.shape).contiguous() for k, v in params.items()}
+            z = torch.func.vmap(one, in_dims=(0, 0, 0))(z0, x, params)
+        else:
+            z = torch.func.vmap(one, in_dims=(0, 0, None))(z0, x, params)
         return z, infos[0]
 
     def _jacobian_loss(self, z_star: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
