@@ -1,7 +1,7 @@
 """Inner solvers: anything that maps ``(fn, x0, *params)`` to a solution.
 
 Built-in loops (:class:`GradientDescent`, :class:`AcceleratedGradient`, :class:`LBFGS`,
-:class:`FixedPointIteration`, :class:`AndersonAcceleration`), solvers of constrained and
+:class:`FixedPointIteration`, :class:`AndersonAcceleration`, :class:`Broyden`), solvers of constrained and
 nonsmooth problems that state their own optimality condition (:class:`ProximalGradient`,
 :class:`ProjectedGradient`) and adapters that run an existing optimizer: any
 ``torch.optim`` class (:class:`TorchOptimizer`), TorchOpt's functional optimizers
@@ -12,6 +12,7 @@ All subclass :class:`InnerSolver` and report a :class:`SolverStats`.
 from ._base import InnerSolver, SolverStats
 from .accelerated import AcceleratedGradient
 from .anderson import AndersonAcceleration
+from .broyden import Broyden
 from .fixed_point import FixedPointIteration
 from .gradient_descent import GradientDescent
 from .lbfgs import LBFGS
@@ -23,6 +24,7 @@ from .torchopt_adapter import TorchOpt
 __all__ = [
     "AcceleratedGradient",
     "AndersonAcceleration",
+    "Broyden",
     "FixedPointIteration",
     "GradientDescent",
     "InnerSolver",
