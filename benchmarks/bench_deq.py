@@ -10,7 +10,9 @@ per sample to a relative residual of 1e-8 (implicitgrad: GMRES; torchdeq: Anders
 ``u = (∂f/∂z)ᵀu + v``). Timed, interleaved: the forward pass (with autograd on, as in training)
 and the backward pass alone. Gradients of ``W`` are compared with each other and with a
 dense reference (per-sample Jacobians, ``torch.linalg.solve``); the phantom and
-Jacobian-free gradients' errors against that reference are reported too.
+Jacobian-free gradients' errors against that reference are reported too. The row
+``implicitgrad-Broyden`` is the same layer with ``ig.solvers.Broyden`` (memory 20) as the
+forward solver instead of Anderson, same tolerance and backward.
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
     v = torch.randn(batch, width, generator=torch.Generator().manual_seed(2), dtype=DT).to(device)
     ours = ig.nn.DEQ(cell, solver=ig.solvers.AndersonAcceleration(memory=5, maxiter=200, tol=TOL),
                      linear_solver=ig.GMRES(tol=1e-8, maxiter=200))
-    impls: Dict[str, Callable[[], torch.Tensor]] = {"implicitgrad": lambda: ours(x)}
+    broyden = ig.nn.DEQ(cell, solver=ig.solvers.Broyden(memory=20, maxiter=200, tol=TOL),
+                        linear_solver=ig.GMRES(tol=1e-8, maxiter=200))
+    impls: Dict[str, Callable[[], torch.Tensor]] = {"implicitgrad": lambda: ours(x),
+                                                    "implicitgrad-Broyden": lambda: broyden(x)}
+    layers = {"implicitgrad": ours, "implicitgrad-Broyden": broyden}
     peer: Dict[str, Any] = {"installed": False}
     try:
         import torchdeq
@@ -94,7 +100,7 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
         z = forward()
         residuals[name] = float(relative_residuals(cell, z, x).max())
         (grads[name],) = torch.autograd.grad((z * v).sum(), cell.W)
-        iterations[name] = ours.last_info.forward_iterations if name == "implicitgrad" else peer["last_iterations"]
+        iterations[name] = layers[name].last_info.forward_iterations if name in layers else peer["last_iterations"]
     errors = {name: float((g - reference).norm() / reference.norm()) for name, g in grads.items()}
     for mode in ("phantom", "jacobian_free"):
         approx = ig.nn.DEQ(cell, solver=ours.solver, backward=mode)
@@ -112,7 +118,8 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
                           lambda loss: torch.autograd.grad(loss, cell.W)))
     times = interleaved(timed, reps=reps, warmup=warmup, device=device)
     summary = summarize(times, [("implicitgrad forward", "torchdeq forward"),
-                                ("implicitgrad backward", "torchdeq backward")])
+                                ("implicitgrad backward", "torchdeq backward"),
+                                ("implicitgrad-Broyden forward", "implicitgrad forward")])
     return {"description": f"tanh(W z + U x + c), width {width}, batch {batch}, float64", "width": width,
             "batch": batch, "tol": TOL, "iterations": iterations, "relative_residuals": residuals,
             "gradient_errors": errors, "peer": peer, "check": check, "times_s": times, **summary}
