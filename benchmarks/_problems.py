@@ -10,6 +10,9 @@
 ``floor_hypergradient`` is the same implicit-differentiation math hand-written with
 ``torch.autograd``: ``∇ₓf`` built once with a graph, ``K`` Hessian-vector products on it
 inside a plain conjugate gradient, and one vector-Jacobian product for ``θ``.
+
+The logistic objective, its validation loss and its Newton solution are those of
+``ig.testing.problems`` (re-exported here under the names the benchmarks use).
 """
 
 from __future__ import annotations
@@ -19,6 +22,26 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from implicitgrad.testing.problems import logistic_loss as logistic_outer
+from implicitgrad.testing.problems import logistic_objective, logistic_solution
+
+__all__ = [
+    "FewShotTask",
+    "Logistic",
+    "floor_hypergradient",
+    "logistic_objective",
+    "logistic_outer",
+    "make_logistic",
+    "make_proximal_objective",
+    "make_task",
+    "mlp_forward",
+    "mlp_module",
+    "mlp_params",
+    "plain_cg",
+    "proximal_solution",
+    "support_loss",
+]
 
 # ---------------------------------------------------------------------------- logistic
 
@@ -33,30 +56,6 @@ class Logistic:
     w_star: torch.Tensor
 
 
-def logistic_objective(w: torch.Tensor, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-y * (X @ w)).mean() + 0.5 * (theta.exp() * w * w).sum()
-
-
-def logistic_outer(w: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-y_val * (X_val @ w)).mean()
-
-
-def newton_logistic(X, y, theta, iters: int = 50, tol: float = 1e-12) -> torch.Tensor:
-    """The minimiser of :func:`logistic_objective` by Newton's method (dense Hessian)."""
-    n, d = X.shape
-    w = torch.zeros(d, dtype=X.dtype, device=X.device)
-    lam = theta.exp()
-    for _ in range(iters):
-        m = y * (X @ w)
-        s = torch.sigmoid(-m)
-        grad = -(X.T @ (y * s)) / n + lam * w
-        if float(grad.norm()) <= tol:
-            break
-        hess = (X.T * (s * (1 - s))) @ X / n + torch.diag(lam)
-        w = w - torch.linalg.solve(hess, grad)
-    return w
-
-
 def make_logistic(n: int, d: int, n_val: int, seed: int, device, log_lam: float = -3.0) -> Logistic:
     """A logistic regression of ``n`` samples, ``d`` features, solved to float64 precision."""
     gen = torch.Generator().manual_seed(seed)
@@ -68,7 +67,7 @@ def make_logistic(n: int, d: int, n_val: int, seed: int, device, log_lam: float 
     y_val = torch.sign(X_val @ w_true + 2.0 * torch.randn(n_val, **kw))
     theta = log_lam + 0.5 * torch.randn(d, **kw)
     tensors = [t.to(device) for t in (X, y, X_val, y_val, theta)]
-    w_star = newton_logistic(tensors[0], tensors[1], tensors[4])
+    w_star = logistic_solution(tensors[4], tensors[0], tensors[1])
     return Logistic(*tensors, w_star)
 
 

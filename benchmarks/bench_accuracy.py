@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from _problems import logistic_objective, logistic_outer, newton_logistic
 
 import implicitgrad as ig
+from implicitgrad.testing import relative_error
+from implicitgrad.testing.problems import logistic_loss, logistic_objective, logistic_solution
 
 ITERS_FULL = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200)
 ITERS_QUICK = (1, 2, 5, 10, 20, 50)
@@ -29,10 +30,6 @@ FLOOR = 1e-12  # relative error at float64 rounding level
 
 def _given(solution):
     return lambda _fn, _x0, *_p: solution
-
-
-def _rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((g - ref).norm() / ref.norm())
 
 
 def logistic_problem(conditioning: str, n: int = 400, d: int = 100, seed: int = 0):
@@ -49,7 +46,7 @@ def logistic_problem(conditioning: str, n: int = 400, d: int = 100, seed: int = 
     y = torch.sign(X @ w_true + torch.randn(n, **kw))
     y_val = torch.sign(X_val @ w_true + torch.randn(n, **kw))
     theta = torch.full((d,), log_lam, dtype=torch.float64)
-    w_star = newton_logistic(X, y, theta, iters=100, tol=1e-13)
+    w_star = logistic_solution(theta, X, y, maxiter=100, tol=1e-13)
     s = torch.sigmoid(y * (X @ w_star))
     hess = (X.T * (s * (1 - s))) @ X / n + torch.diag(theta.exp())
     eig = torch.linalg.eigvalsh(hess)
@@ -63,7 +60,7 @@ def logistic_hypergradient(prob, linear_solver) -> torch.Tensor:
         logistic_objective, torch.zeros_like(prob["w_star"]), theta, prob["X"], prob["y"],
         solver=_given(prob["w_star"]), linear_solver=linear_solver, on_failure="ignore",
     )
-    return torch.autograd.grad(logistic_outer(w, prob["X_val"], prob["y_val"]), theta)[0]
+    return torch.autograd.grad(logistic_loss(w, prob["X_val"], prob["y_val"]), theta)[0]
 
 
 def logistic_curves(conditioning: str, iters) -> Dict[str, Any]:
@@ -74,7 +71,7 @@ def logistic_curves(conditioning: str, iters) -> Dict[str, Any]:
         "Neumann": lambda k: ig.Neumann(maxiter=k, alpha=1.0 / prob["lambda_max"], tol=TINY_TOL),
         "GMRES": lambda k: ig.GMRES(maxiter=k, restart=k, tol=TINY_TOL),
     }
-    errors = {name: _curve(lambda k, make=make: _rel_err(logistic_hypergradient(prob, make(k)), exact), iters)
+    errors = {name: _curve(lambda k, make=make: relative_error(logistic_hypergradient(prob, make(k)), exact), iters)
               for name, make in solvers.items()}
     return {"condition": prob["condition"], "iterations": list(iters), "rel_error": errors}
 
@@ -126,11 +123,12 @@ def imaml_curves(iters, d: int = 50, n_support: int = 20, lam: float = 0.5, seed
                                 on_failure="ignore", **kwargs)
         return torch.autograd.grad(query(phi), theta)[0]
 
-    cg = _curve(lambda k: _rel_err(meta_gradient(closed_form, ig.CG(maxiter=k, tol=TINY_TOL)), exact), iters)
-    unrolled = _curve(
-        lambda k: _rel_err(meta_gradient(ig.solvers.GradientDescent(lr=lr, maxiter=k, tol=0), mode="unrolled"), exact),
-        iters,
-    )
+    cg = _curve(lambda k: relative_error(meta_gradient(closed_form, ig.CG(maxiter=k, tol=TINY_TOL)), exact), iters)
+    def unrolled_error(k: int) -> float:
+        solver = ig.solvers.GradientDescent(lr=lr, maxiter=k, tol=0)
+        return relative_error(meta_gradient(solver, mode="unrolled"), exact)
+
+    unrolled = _curve(unrolled_error, iters)
     return {"iterations": list(iters), "condition": float(eig[-1] / eig[0]), "lambda": lam, "inner_lr": lr,
             "rel_error": {"iMAML (CG steps)": cg, "unrolled GD (inner steps)": unrolled}}
 
