@@ -96,41 +96,25 @@ class GMRES(IterativeSolver):
         layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
-        pack, unpack = packing(b, batch_ndim)
-
-        def op(v: torch.Tensor) -> torch.Tensor:
-            return pack(matvec(unpack(v)))
-
-        rhs = pack(b)
-        b_norm = torch.linalg.vector_norm(rhs, dim=1)
-        threshold = tol * b_norm
-        used = 0
-        if init is None:
-            x = torch.zeros_like(rhs)
-            r = rhs
-        else:
-            x = pack(init).clone()
-            r = rhs - op(x)
-            used = 1
-        r_norm = torch.linalg.vector_norm(r, dim=1)
-        nonfinite = ~torch.isfinite(r_norm)
-        done = r_norm <= threshold
+        system = Packed(matvec, b, init, batch_ndim, tol)
+        op, rhs, x, r, r_norm, used = system.op, system.rhs, system.x, system.r, system.r_norm, system.used
+        threshold, nonfinite, done = system.threshold, system.nonfinite, system.done
         broken = torch.zeros_like(done)
-        basis = None
+        space = None
         while True:
             # One host read per cycle: the measured residuals decide.
             any_nonfinite, finished = torch.stack([nonfinite.any(), (done | broken | nonfinite).all()]).tolist()
             steps = min(self.restart, self.maxiter - used - 1)
             if finished or steps < 1:
                 break
-            if basis is None:
-                basis = rhs.new_empty(min(self.restart, self.maxiter) + 1, *rhs.shape)
+            if space is None:
+                space = _Space(rhs, min(self.restart, self.maxiter))
             active = ~(done | broken | nonfinite)
             # A finished system enters the cycle with a zero residual: it takes no step.
             beta = torch.where(active, r_norm, torch.zeros_like(r_norm))
             limit = torch.where(active, threshold.clamp_min(torch.finfo(rhs.dtype).tiny), torch.ones_like(threshold))
             update, taken, invariant = _cycle(op, torch.where(active[:, None], r, 0.0), beta, limit, active,
-                                              steps, every, basis)
+                                              steps, every, space)
             used += taken + 1
             x = x + update
             r = rhs - op(x)
@@ -141,17 +125,50 @@ class GMRES(IterativeSolver):
             broken = broken | (active & invariant & (new_norm > threshold) & (new_norm >= r_norm))
             done = done | (new_norm <= threshold)
             r_norm = new_norm
-        status = None
+        x, status = system.outcome(x, nonfinite, broken)
+        return system.unpack(x), self._finish(used, system.relative(r_norm), tol, status)
+
+
+class Packed:
+    """A solve on one ``(systems, unknowns)`` matrix (see :func:`._base.packing`): the
+    packed right-hand side, its norms and per-system thresholds ``tol ‖b_i‖``, and the
+    start ``x`` (``init`` or 0) with its residual (one product when ``init`` is given,
+    counted in ``used``)."""
+
+    def __init__(self, matvec: Matvec, b: Vector, init: Optional[Vector], batch_ndim: int, tol: float) -> None:
+        self.matvec = matvec
+        self.pack, self.unpack = packing(b, batch_ndim)
+        self.rhs = self.pack(b)
+        self.b_norm = torch.linalg.vector_norm(self.rhs, dim=1)
+        self.threshold = tol * self.b_norm
+        if init is None:
+            self.x, self.r, self.used = torch.zeros_like(self.rhs), self.rhs, 0
+        else:
+            self.x = self.pack(init).clone()
+            self.r, self.used = self.rhs - self.op(self.x), 1
+        self.r_norm = torch.linalg.vector_norm(self.r, dim=1)
+        self.nonfinite = ~torch.isfinite(self.r_norm)
+        self.done = self.r_norm <= self.threshold
+
+    def op(self, v: torch.Tensor) -> torch.Tensor:
+        """The product on packed vectors."""
+        return self.pack(self.matvec(self.unpack(v)))
+
+    def relative(self, r_norm: torch.Tensor) -> torch.Tensor:
+        """``‖r_i‖ / ‖b_i‖`` (``‖r_i‖`` where ``b_i = 0``)."""
+        return r_norm / torch.where(self.b_norm == 0, torch.ones_like(self.b_norm), self.b_norm)
+
+    @staticmethod
+    def outcome(x: torch.Tensor, nonfinite: torch.Tensor, broken: torch.Tensor) -> Tuple[torch.Tensor, Optional[str]]:
+        """``x`` with NaN in the systems that met NaN/Inf, and the status they call for
+        (``None``: derived from the residual)."""
+        any_nonfinite, any_broken = torch.stack([nonfinite.any(), broken.any()]).tolist()
         if any_nonfinite:
-            status = "nonfinite"
-            x = torch.where(nonfinite[:, None], torch.full_like(x, math.nan), x)
-        elif bool(broken.any()):
-            status = "breakdown"
-        rel = r_norm / torch.where(b_norm == 0, torch.ones_like(b_norm), b_norm)
-        return unpack(x), self._finish(used, rel, tol, status)
+            return torch.where(nonfinite[:, None], torch.full_like(x, math.nan), x), "nonfinite"
+        return x, "breakdown" if any_broken else None
 
 
-def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tensor):
+def _cycle(op, r, beta, limit, active, steps: int, every: int, space: _Space):
     """One Arnoldi cycle from the residuals ``r`` (``(systems, n)``, norms ``beta``).
 
     A system stops taking steps into its correction at the first step whose residual
@@ -159,8 +176,7 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
     systems. Returns the correction of ``x``, the number of steps (products) taken, and per
     system whether Arnoldi met a (numerically) invariant subspace.
     """
-    dtype, device = r.dtype, r.device
-    systems = r.shape[0]
+    dtype = r.dtype
     # ‖w‖ + tiny keeps every division finite: a zero vector (an exact breakdown, or a
     # system that entered the cycle solved) stays zero, and its rotation leaves the
     # residual estimate unchanged.
@@ -168,59 +184,56 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
     # The products act on a fresh vector whose copy is in the basis: an in-place matvec
     # cannot corrupt the basis.
     vector = r / (beta + tiny)[:, None]
-    basis[0] = vector
+    space.basis[:, 0] = vector
+    space.hess.zero_()
     # rows[j] is row j of the product of the rotations met before step j (zero beyond
-    # entry j): β |rows[j][0]| is the residual after j steps, and its dot with column j
-    # of the Hessenberg matrix is the entry the next rotation acts on.
-    minus_unit = -torch.eye(steps + 1, dtype=dtype, device=device)
-    rows = [-minus_unit[0].expand(systems, steps + 1)]
-    columns, subdiagonal, cosines, sines = [], [], [], []
-    # The checks read only active systems (a finished one may carry NaN it no longer uses).
-    scale = torch.where(active, beta / limit, torch.zeros_like(beta))
-    single = float(scale) if systems == 1 else None
+    # entry j); its dot with column j of the Hessenberg matrix is the entry the next
+    # rotation acts on. The residual after j steps is β |rows[j][0]| = β ∏ sines.
+    rows = [space.units[0]]
+    subdiagonal, cosines, sines = [], [], []
+    # ‖r‖ / (tol ‖b‖) for the active systems (1: converged), 0 for the others: the checks
+    # read only active systems (a finished one may carry NaN it no longer uses).
+    estimate = torch.where(active, beta / limit, 0.0).unsqueeze(1)
     for j in range(steps):
+        known, known_t, column = space.known[j], space.known_t[j], space.columns[j]
+        # Classical Gram-Schmidt twice: two block products with the basis per pass; the
+        # coefficients accumulate in column j of the Hessenberg matrix (row j of hess).
         w = op(vector).unsqueeze(1)
-        known = basis[: j + 1].transpose(0, 1)
-        known_t = known.transpose(1, 2)
-        h = torch.bmm(w, known_t)
-        w = torch.baddbmm(w, h, known, alpha=-1)
+        torch.bmm(w, known_t, out=column)
+        w = torch.baddbmm(w, column, known, alpha=-1)
         again = torch.bmm(w, known_t)
         w = torch.baddbmm(w, again, known, alpha=-1)
-        column = (h + again).squeeze(1)
-        w_norm = torch.linalg.vector_norm(w, dim=2) + tiny
+        column.add_(again)
+        w_norm = torch.linalg.vector_norm(w, dim=2).add_(tiny)
         vector = w.squeeze(1) / w_norm
-        basis[j + 1] = vector
+        space.rows[j + 1].copy_(vector)
+        # The reflection [[c, s], [s, −c]] maps (row · column, ‖w‖) to (‖·‖, 0); the
+        # Hessenberg row is zero beyond the column's end, so the full-length dot is exact.
         row = rows[j]
-        # The reflection [[c, s], [s, −c]] maps (row · column, ‖w‖) to (‖·‖, 0).
-        diagonal = torch.linalg.vecdot(row[:, : j + 1], column).unsqueeze(1)
+        diagonal = torch.linalg.vecdot(row, space.hess_rows[j]).unsqueeze(1)
         radius = torch.hypot(diagonal, w_norm)
         cosine, sine = diagonal / radius, w_norm / radius
-        rows.append(torch.addcmul(row * sine, cosine, minus_unit[j + 1]))
-        columns.append(torch.nn.functional.pad(column, (0, steps - j)))
+        rows.append(torch.addcmul(row * sine, cosine, space.minus_units[j + 1]))
         subdiagonal.append(w_norm)
         cosines.append(cosine)
         sines.append(sine)
-        if (j + 1) % every == 0 and j + 1 < steps:
+        estimate = estimate * sine
+        if (j + 1) % every == 0:
             # NaN fails the comparison and ends the cycle: the measured residual reports it.
-            if single is not None:
-                estimate = abs(float(rows[j + 1][0, 0])) * single
-            else:
-                estimate = float((rows[j + 1][:, 0].abs() * scale).max())
-            if not estimate > 1.0:
+            if not float(estimate if space.single else estimate.max()) > 1.0:
                 break
-    k = len(columns)
+    k = len(sines)
     cosine, sine, below = (torch.cat(parts, dim=1) for parts in (cosines, sines, subdiagonal))
     products = torch.stack(rows, dim=1)[:, :, : k + 1]
     # Row j of the product of all rotations is (c_j · rows[j], s_j) on its first j + 2
     # entries; times the Hessenberg matrix it gives the triangular factor R.
     omega = products[:, :k] * cosine.unsqueeze(2)
     omega.diagonal(offset=1, dim1=1, dim2=2).copy_(sine)
-    hess_t = torch.stack(columns, dim=1)[:, :, : k + 1]
+    hess_t = space.hess[:, :k, : k + 1]
     hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(below)
-    upper = torch.bmm(omega, hess_t.transpose(1, 2))
+    upper = torch.bmm(omega, hess_t.mT)
     g = beta[:, None] * omega[:, :, 0]
-    estimates = products[:, 1:, 0].abs() * scale[:, None]
-    reached = estimates <= 1.0
+    reached = products[:, 1:, 0].abs() * torch.where(active, beta / limit, 0.0)[:, None] <= 1.0
     # Relative to ‖A v_j‖ (the norm of column j of the Hessenberg matrix): a new basis
     # vector that vanishes means the Krylov space is invariant; a pivot of R that
     # vanishes means A is singular on it, and the directions from there on are dropped
@@ -230,12 +243,33 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, basis: torch.Tens
     invariant = ((below <= floor) | degenerate).any(dim=1)
     # Each system keeps the steps up to the first that met its tolerance.
     useful = torch.minimum(_first(reached, k) + 1, _first(degenerate, k))
-    keep = torch.arange(k, device=device)[None, :] < useful[:, None]
-    upper = torch.where(keep[:, :, None] & keep[:, None, :], upper, torch.eye(k, dtype=dtype, device=device))
-    g = torch.where(keep, g, torch.zeros_like(g))
+    keep = space.index[:k] < useful[:, None]
+    upper = torch.where(keep[:, :, None] & keep[:, None, :], upper, space.identity[:k, :k])
+    g = torch.where(keep, g, 0.0)
     y = torch.linalg.solve_triangular(upper, g.unsqueeze(2), upper=True)
-    update = torch.bmm(y.transpose(1, 2), basis[:k].transpose(0, 1)).squeeze(1)
+    update = torch.bmm(y.mT, space.known[k - 1]).squeeze(1)
     return update, k, invariant
+
+
+class _Space:
+    """What every cycle of one solve writes into: the Krylov basis ``(systems, m + 1, n)``
+    and the Hessenberg matrix (row ``j`` holds column ``j``), with the views of them each
+    step uses made once, and small constant tensors."""
+
+    def __init__(self, rhs: torch.Tensor, size: int) -> None:
+        systems, n = rhs.shape
+        self.single = systems == 1
+        self.basis = rhs.new_empty(systems, size + 1, n)
+        self.hess = rhs.new_zeros(systems, size, size + 1)
+        self.rows = self.basis.unbind(1)
+        self.hess_rows = self.hess.unbind(1)
+        self.known = [self.basis[:, : j + 1] for j in range(size)]
+        self.known_t = [v.mT for v in self.known]
+        self.columns = [self.hess[:, j : j + 1, : j + 1] for j in range(size)]
+        self.identity = torch.eye(size + 1, dtype=rhs.dtype, device=rhs.device)
+        self.units = self.identity.expand(systems, -1, -1).unbind(1)
+        self.minus_units = (-self.identity).unbind(0)
+        self.index = torch.arange(size + 1, device=rhs.device)
 
 
 def _first(flags: torch.Tensor, default: int) -> torch.Tensor:
