@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -12,12 +13,8 @@ from ._base import (
     PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
-    axpy,
-    dot,
-    norm,
+    packing,
     safe_div,
-    scale,
-    select,
     working_dtype,
 )
 
@@ -95,6 +92,14 @@ class CG(SymmetricIterativeSolver):
     #: ``r ← r − α A p``, which drifts from the true one over long runs.
     RESIDUAL_EVERY = 50
 
+    #: When CG checks every iteration (``check_every=1``, the CPU default) and solves at
+    #: most this many systems, the per-system scalars (step sizes, residuals, which systems
+    #: are done) are read by the host each iteration and the decisions are taken there:
+    #: an iteration is then its product plus six vector operations, as in a textbook CG.
+    #: Otherwise the same decisions are tensor masks on the device, read every
+    #: ``check_every`` iterations.
+    HOST_SYSTEMS = 64
+
     def solve_leaves(
         self,
         matvec: Matvec,
@@ -104,133 +109,326 @@ class CG(SymmetricIterativeSolver):
         batch_ndim: int = 0,
         layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
+        # The leaves are packed into one (systems, unknowns) matrix: every update below is
+        # one tensor operation whatever the number of leaves.
         tol, every = self._tolerances(b)
-        op = self._damped(matvec)
-        plain = self.preconditioner is None
-        precond = self._flat_preconditioner(layout, b)
-        n = batch_ndim
-        b_norm = norm(b, n)
-        threshold2 = (tol * b_norm).square()
+        pack, unpack = packing(b, batch_ndim)
+        damped = self._damped(matvec)
+        precond = None if self.preconditioner is None else self._flat_preconditioner(layout, b)
+
+        def op(v: torch.Tensor) -> torch.Tensor:
+            return pack(damped(unpack(v)))
+
+        def prec(r: torch.Tensor) -> torch.Tensor:
+            return r if precond is None else pack(precond(unpack(r)))
+
+        rhs = pack(b)
+        bb = vecdot(rhs, rhs)
         if init is None:
-            x = [torch.zeros_like(t) for t in b]
-            r = [t.clone() for t in b]
+            x, r = torch.zeros_like(rhs), rhs
         else:
-            x = [t.clone() for t in init]
-            r = [bi - ai for bi, ai in zip(b, op(x))]
-        z = r if plain else precond(r)
-        p = list(z)
-        rz = dot(r, z, n)
-        rr = rz if plain else dot(r, r, n)  # squared residual norms, per system
-        best_x, best_rr = list(x), rr
-        negative = torch.zeros_like(rr, dtype=torch.bool)
-        stopped = negative  # negative curvature or diverging: the system keeps its iterate
-        null_step = negative  # diverged by a giant step along a null vector
-        curvature = _Curvature(rr)
-        status, used, step = None, 0, 0
-        growth2 = DIVERGENCE_FACTOR**2
-        zero = torch.zeros_like(rr)
+            x = pack(init)
+            r = rhs - op(x)
+        z = prec(r)
+        p = z
+        rz = vecdot(r, z)
+        rr = rz if precond is None else vecdot(r, r)  # squared residual norms, per system
+        host = every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
+        book: _Book = _HostBook(x, rr, rz, tol**2 * bb) if host else _DeviceBook(x, rr, rz, tol**2 * bb, every == 1)
+        status, used, step, p_index = None, 0, 0, 1  # p_index: the iteration whose direction p is
         ap = p
-        if not bool((rr <= threshold2).all()):
-            while used < self.maxiter:
-                step += 1
-                # A system that met negative curvature or diverges keeps its iterate (the step
-                # along a direction of non-positive curvature is not taken) and leaves the
-                # batch; the others go on.
-                active = (rr > threshold2) & ~stopped
-                ap = op(p)
+        finished = book.all_done()
+        while not finished and used < self.maxiter:
+            step += 1
+            ap = op(p)
+            used += 1
+            pap = vecdot(p, ap)
+            # A system leaves the batch when it converged, met a direction of non-positive
+            # curvature (the step along it is not taken) or diverged; the others go on.
+            alpha = book.step_size(step, pap)
+            x_new = torch.addcmul(x, alpha, p)
+            if step % self.RESIDUAL_EVERY == 0 and used < self.maxiter:
+                # The recursion r ← r − α A p drifts from b − A x over long runs.
+                r_new = book.moving(rhs - op(x_new), r)
                 used += 1
-                pap = dot(p, ap, n)
-                bad = active & (pap <= 0)
-                curvature.step(step, pap, rr, bad)
-                negative, stopped = negative | bad, stopped | bad
-                alpha = torch.where(active & ~bad, rz / pap, zero)
-                x = axpy(alpha, p, x)
-                if step % self.RESIDUAL_EVERY == 0 and used < self.maxiter:
-                    true_r = [bi - ai for bi, ai in zip(b, op(x))]
-                    used += 1
-                    r = [select(active, t, ri - scale(alpha, ai)) for t, ri, ai in zip(true_r, r, ap)]
-                else:
-                    r = axpy(-alpha, ap, r)
-                z = r if plain else precond(r)
-                rz_new = dot(r, z, n)
-                rr = rz_new if plain else dot(r, r, n)
-                grew = active & (rr > growth2 * best_rr)
-                stopped = stopped | grew
-                improved = rr < best_rr
-                best_rr = torch.where(improved, rr, best_rr)
-                best_x = [select(improved, xi, bi) for xi, bi in zip(x, best_x)]
-                if step % every == 0 or used >= self.maxiter:
-                    nonfinite, done, giant = torch.stack(
-                        [~torch.isfinite(rr).all(), ((rr <= threshold2) | stopped).all(), grew.any()]
-                    ).tolist()
-                    if nonfinite:
-                        status = "nonfinite"
-                        break
-                    if giant and every == 1:
-                        # A giant step along a direction of tiny positive curvature; checked in
-                        # the step it happened, that direction is still at hand.
-                        null_step = null_step | (grew & curvature.classify(op, p, z, n, ap=ap, current=True)[0])
-                    if done:
-                        break
-                p = axpy(safe_div(rz_new, rz), p, z)
-                curvature.p_index = step + 1
-                rz = rz_new
+            else:
+                r_new = torch.addcmul(r, alpha, ap, value=-1)
+            z_new = prec(r_new)
+            rz_new = vecdot(r_new, z_new)
+            rr = rz_new if precond is None else vecdot(r_new, r_new)
+            p_index = step
+            check = step % every == 0 or used >= self.maxiter
+            # The book may keep a system's previous x, r, z (a step it decided not to take).
+            (x, r, z, rz_new), verdict = book.after_step(step, (x, r, z), (x_new, r_new, z_new), rr, rz_new, check)
+            if verdict == "nonfinite":
+                status = "nonfinite"
+                break
+            if book.giant_step:
+                # A giant step along a direction of tiny positive curvature; checked in the
+                # iteration it happened, that direction is still at hand.
+                book.mark_null_steps(op, p, ap)
+            if verdict == "finished":
+                break
+            # A system out of the batch keeps x, r, z, so β = 1 for it: p moves by z.
+            p = torch.addcmul(z, book.beta(rz_new), p)
+            p_index = step + 1
         if status is None:
-            any_negative, any_stopped = torch.stack([negative.any(), stopped.any()]).tolist()
-            if any_stopped:
-                singular = torch.zeros_like(negative)
-                if any_negative:
-                    singular, products = curvature.classify(op, p, z, n, ap=ap)
-                    used += products
-                real_negative = negative & ~singular
-                real_diverging = stopped & ~negative & ~null_step
-                status = ("negative_curvature" if bool(real_negative.any()) else
-                          "diverging" if bool(real_diverging.any()) else "singular")
-        best_res = best_rr.clamp_min(0).sqrt()
-        info = self._finish(used, safe_div(best_res, b_norm), tol, status)
-        return best_x, info
+            status, products = book.status(op, p, z, p_index, ap)
+            used += products
+        best_x, best_rr = book.best()
+        info = self._finish(used, safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt()), tol, status)
+        return unpack(best_x), info
 
 
-class _Curvature:
-    """Tells a singular matrix from an indefinite one when CG meets ``pᵀAp ≤ 0``.
+def vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Inner product of each row (system) of two ``(systems, unknowns)`` matrices."""
+    return torch.linalg.vecdot(a, b)
+
+
+def _null_directions(op: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, ap: Optional[torch.Tensor],
+                     z: torch.Tensor, lag: torch.Tensor, peak: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Tells a singular matrix from an indefinite one when CG met ``pᵀAp ≤ 0``.
 
     For positive semidefinite ``A``, ``‖Ap‖² ≤ ‖A‖ pᵀAp``: a direction of zero curvature
     is a null vector, ``Ap = 0``. So a direction with ``pᵀAp`` clearly below zero, or
     with ``pᵀAp ≈ 0`` but ``Ap`` far from zero, proves ``A`` indefinite
     (``"negative_curvature"``); one with ``‖Ap‖ ≈ 0`` relative to ``‖A‖ ‖p‖`` is a
     numerical null vector: ``A`` is singular (``"singular"``). ``‖A‖`` is estimated from
-    below by the largest ``pᵀAp / ‖r‖²`` met (two scalar operations per iteration).
+    below by ``peak``, the largest ``pᵀAp / ‖r‖²`` met.
 
-    The direction itself is not kept: after the stop, ``x``, ``r`` and ``z`` are frozen
-    and ``β = 1``, so ``p`` has moved by ``z`` per iteration since and is recovered as
-    ``p_j = p − (index − j) z``; one more product gives ``A p_j``.
+    The direction itself is not kept: after a system stopped, its ``x``, ``r`` and ``z`` are
+    frozen and ``β = 1``, so ``p`` has moved by ``z`` per iteration since; the direction
+    ``lag`` iterations back is ``p − lag·z``, and one more product gives its ``A p``.
+    Returns, per system, whether that direction is a null vector, and the products spent.
+    """
+    products = 0
+    if ap is None or bool((lag != 0).any()):
+        p = torch.addcmul(p, -lag.unsqueeze(-1), z)
+        ap, products = op(p), 1
+    pp, pap, apap = vecdot(p, p), vecdot(p, ap), vecdot(ap, ap)
+    scale = torch.maximum(peak, safe_div(apap, pp).sqrt())
+    delta = 32 * torch.finfo(working_dtype(p.dtype)).eps
+    clearly_negative = pap < -delta * scale * pp
+    annihilated = apap <= delta * scale.square() * pp
+    return annihilated & ~clearly_negative, products
+
+
+def _ending(negative: bool, diverging: bool, stopped: bool) -> Optional[str]:
+    """The status of a CG in which some systems left the batch early."""
+    if not stopped:
+        return None
+    return "negative_curvature" if negative else "diverging" if diverging else "singular"
+
+
+class _Book:
+    """The per-system scalars of CG and the decisions taken on them (see ``HOST_SYSTEMS``).
+
+    ``step_size`` gives ``α`` (0 for a system out of the batch, or one whose direction has
+    non-positive curvature, which then leaves it); ``after_step`` records the residuals of
+    the new iterate, keeps the best iterate per system and says whether to stop; ``beta``
+    gives ``β``; ``status`` names how systems that left early ended; ``best`` returns the
+    iterate of lowest residual per system (the initial guess included) and its residual.
     """
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.peak = torch.zeros_like(like)
-        self.flip = torch.zeros_like(like)
-        self.p_index = 1
-        self.eps = torch.finfo(working_dtype(like.dtype)).eps
+    #: Whether the last iteration had a system diverge by a giant step (classified at once).
+    giant_step = False
 
-    def step(self, k: int, pap: torch.Tensor, rr: torch.Tensor, stops: torch.Tensor) -> None:
-        self.peak = torch.maximum(self.peak, safe_div(pap, rr))
-        self.flip = torch.where(stops, float(k), self.flip)
-        self.p_index = k
 
-    def classify(
-        self, op: Matvec, p: Vector, z: Vector, batch_ndim: int, ap: Optional[Vector] = None,
-        current: bool = False,
-    ):
-        """Per system: whether the direction that stopped CG (``p`` itself if ``current``)
-        is a null vector; and the number of products spent."""
-        lag = torch.zeros_like(self.flip) if current else float(self.p_index) - self.flip
-        products = 0
-        if ap is None or bool((lag != 0).any()):
-            p = axpy(-lag, z, p)
-            ap, products = op(p), 1
-        pp, pap, apap = dot(p, p, batch_ndim), dot(p, ap, batch_ndim), dot(ap, ap, batch_ndim)
-        scale = torch.maximum(self.peak, safe_div(apap, pp).sqrt())
-        delta = 32 * self.eps
-        clearly_negative = pap < -delta * scale * pp
-        annihilated = apap <= delta * scale.square() * pp
-        return annihilated & ~clearly_negative, products
+class _HostBook(_Book):
+    """Per-system scalars as Python numbers, read by the host once per iteration.
+
+    The step sizes are computed on the device from the previous iteration's ``rᵀz`` (all of
+    them, or only the active systems' when some left the batch); the read after the update
+    returns ``pᵀAp`` and the new ``rᵀr`` together, and a system whose direction had
+    non-positive curvature gets its previous ``x``, ``r``, ``z`` back: the step is not taken.
+    """
+
+    def __init__(self, x, rr, rz, threshold2):
+        self.like = rr
+        rr_l, rz_l, thr_l = torch.stack([rr, rz, threshold2]).tolist()
+        self.rr, self.rz, self.threshold2 = rr_l, rz_l, thr_l
+        self.rz_t = rz
+        n = len(rr_l)
+        self.best_x, self.best_rr = x, list(rr_l)
+        # A system whose values are not finite leaves the batch; the solve ends "nonfinite".
+        self.nonfinite = not all(math.isfinite(v) for v in rr_l)
+        self.done = [v <= t or not math.isfinite(v) for v, t in zip(rr_l, thr_l)]
+        self.negative, self.diverged, self.null = [False] * n, [False] * n, [False] * n
+        self.peak, self.flip = [0.0] * n, [0] * n
+        self.current = [True] * n  # best_x's row is x's row
+        self.grew = [False] * n
+        self._active_mask()
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=self.like.dtype, device=self.like.device)
+
+    def _active_mask(self) -> None:
+        self.active = None if not any(self.done) else ~self._tensor(self.done).bool()
+
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def step_size(self, step, pap):
+        self.pap, self.step = pap, step
+        alpha = self.rz_t / pap
+        if self.active is not None:
+            alpha = torch.where(self.active, alpha, 0.0)
+        return alpha.unsqueeze(-1)
+
+    def moving(self, fresh, old):
+        return fresh if self.active is None else torch.where(self.active.unsqueeze(-1), fresh, old)
+
+    def after_step(self, step, old, new, rr, rz, check):
+        plain = rz is rr
+        read = torch.stack([self.pap, rr] if plain else [self.pap, rr, rz]).tolist()
+        pap_l, rr_l = read[0], read[1]
+        rz_l = rr_l if plain else read[2]
+        n = len(rr_l)
+        improved, kept = [False] * n, [False] * n
+        membership = False
+        for i in range(n):
+            self.grew[i] = False
+            if self.done[i]:
+                kept[i] = True
+                continue
+            curv, v = pap_l[i], rr_l[i]
+            if curv <= 0:  # the step along a direction of non-positive curvature is not taken
+                kept[i] = self.done[i] = self.negative[i] = membership = True
+                self.flip[i] = self.step
+                continue
+            self.peak[i] = max(self.peak[i], curv / self.rr[i])
+            if not (math.isfinite(v) and math.isfinite(rz_l[i])):
+                self.done[i] = self.nonfinite = membership = True
+                self.current[i] = False
+                continue
+            if v > DIVERGENCE_FACTOR**2 * self.best_rr[i]:
+                self.grew[i] = self.diverged[i] = self.done[i] = membership = True
+            if v < self.best_rr[i]:
+                self.best_rr[i], improved[i] = v, True
+            self.current[i] = improved[i]
+            if v <= self.threshold2[i]:
+                self.done[i] = membership = True
+        rz_t = rz
+        if any(kept) and not all(kept):
+            undo = self._tensor(kept).bool()
+            new = tuple(torch.where(undo.unsqueeze(-1), o, t) for o, t in zip(old, new))
+            rz_t = torch.where(undo, self.rz_t, rz)
+        elif all(kept):
+            new, rz_t = old, self.rz_t
+        x = new[0]
+        if all(self.current):
+            self.best_x = x
+        elif any(improved):
+            self.best_x = torch.where(self._tensor(improved).bool().unsqueeze(-1), x, self.best_x)
+        self.rz_new = [o if k else v for o, v, k in zip(self.rz, rz_l, kept)]
+        self.rr = [o if k else v for o, v, k in zip(self.rr, rr_l, kept)]
+        self.rz_t_new = rz_t
+        if membership:
+            self._active_mask()
+        self.giant_step = any(self.grew)
+        return (*new, rz_t), ("finished" if all(self.done) else None)
+
+    def mark_null_steps(self, op, p, ap):
+        null, _ = _null_directions(op, p, ap, p, torch.zeros_like(self.like), self._tensor(self.peak))
+        self.null = [n or (g and bool(f)) for n, g, f in zip(self.null, self.grew, null.tolist())]
+
+    def beta(self, rz):
+        # β = 1 for a system out of the batch (its r and z are frozen: p moves by z).
+        if self.active is None and all(v != 0 for v in self.rz):
+            beta = rz / self.rz_t
+        else:
+            beta = self._tensor([1.0 if done else new / old if old != 0 else 0.0
+                                 for new, old, done in zip(self.rz_new, self.rz, self.done)])
+        self.rz, self.rz_t = self.rz_new, self.rz_t_new
+        return beta.unsqueeze(-1)
+
+    def status(self, op, p, z, p_index, ap):
+        if self.nonfinite:
+            return "nonfinite", 0
+        stopped = [n or d for n, d in zip(self.negative, self.diverged)]
+        if not any(stopped):
+            return None, 0
+        singular, products = [False] * len(stopped), 0
+        if any(self.negative):
+            lag = self._tensor([float(p_index - f) for f in self.flip])
+            flags, products = _null_directions(op, p, ap, z, lag, self._tensor(self.peak))
+            singular = flags.tolist()
+        negative = any(n and not s for n, s in zip(self.negative, singular))
+        diverging = any(d and not n and not u for d, n, u in zip(self.diverged, self.negative, self.null))
+        return _ending(negative, diverging, True), products
+
+    def best(self):
+        return self.best_x, self._tensor(self.best_rr)
+
+
+class _DeviceBook(_Book):
+    """Per-system scalars as tensors on the device, read every ``check_every`` iterations."""
+
+    def __init__(self, x, rr, rz, threshold2, every_one: bool = False):
+        self.every_one = every_one
+        self.threshold2 = threshold2
+        self.rr, self.rz = rr, rz
+        self.best_x, self.best_rr = x, rr
+        self.done = rr <= threshold2
+        self.negative = self.diverged = self.null = torch.zeros_like(self.done)
+        self.peak = torch.zeros_like(rr)
+        self.flip = torch.zeros_like(rr)
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def step_size(self, step, pap):
+        self.active = ~self.done
+        bad = self.active & (pap <= 0)
+        good = self.active & ~bad  # NaN moves on, and is caught at the next check
+        self.done = self.done | bad
+        self.negative = self.negative | bad
+        self.flip = torch.where(bad, float(step), self.flip)
+        self.peak = torch.maximum(self.peak, torch.where(good, pap / self.rr, 0.0))
+        return torch.where(good, self.rz / pap, 0.0).unsqueeze(-1)
+
+    def moving(self, fresh, old):
+        return torch.where(self.active.unsqueeze(-1), fresh, old)
+
+    def after_step(self, step, old, new, rr, rz, check):
+        x = new[0]
+        self.grew = self.active & (rr > DIVERGENCE_FACTOR**2 * self.best_rr)
+        self.diverged = self.diverged | self.grew
+        improved = rr < self.best_rr
+        self.best_rr = torch.where(improved, rr, self.best_rr)
+        self.best_x = torch.where(improved.unsqueeze(-1), x, self.best_x)
+        self.done = self.done | self.grew | (rr <= self.threshold2)
+        self.rr, self.rz_new = rr, rz
+        self.giant_step = False
+        if not check:
+            return (*new, rz), None
+        nonfinite, finished, giant = torch.stack([~torch.isfinite(rr).all(), self.done.all(), self.grew.any()]).tolist()
+        if nonfinite:
+            return (*new, rz), "nonfinite"
+        # A giant step is classified only when checked in the iteration it happened.
+        self.giant_step = bool(giant) and self.every_one
+        return (*new, rz), ("finished" if finished else None)
+
+    def mark_null_steps(self, op, p, ap):
+        null, _ = _null_directions(op, p, ap, p, torch.zeros_like(self.peak), self.peak)
+        self.null = self.null | (self.grew & null)
+
+    def beta(self, rz):
+        beta = torch.where(self.rz != 0, rz / self.rz, 0.0)
+        self.rz = rz
+        return beta.unsqueeze(-1)
+
+    def status(self, op, p, z, p_index, ap):
+        stopped = self.negative | self.diverged
+        any_negative, any_stopped = torch.stack([self.negative.any(), stopped.any()]).tolist()
+        if not any_stopped:
+            return None, 0
+        singular, products = torch.zeros_like(self.negative), 0
+        if any_negative:
+            singular, products = _null_directions(op, p, ap, z, float(p_index) - self.flip, self.peak)
+        negative = bool((self.negative & ~singular).any())
+        diverging = bool((self.diverged & ~self.negative & ~self.null).any())
+        return _ending(negative, diverging, True), products
+
+    def best(self):
+        return self.best_x, self.best_rr
