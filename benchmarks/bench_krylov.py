@@ -18,6 +18,18 @@ Cases:
   under ``torch.func.vmap``), with per-system tolerances (GMRES, BiCGStab);
 * ``root`` — the transposed Jacobian of ``F(x) = x + ½ tanh(W x) − θ`` with 2,000
   unknowns and a dense ``W`` (GMRES, BiCGStab).
+
+Two more measurements sit beside the cases (keys ``floor`` and ``normal_equations`` of the
+section's results):
+
+* ``floor`` — on the three non-symmetric cases, GMRES against the least any Arnoldi step
+  costs in eager PyTorch: a loop of the same products, each followed only by the two
+  Gram-Schmidt passes, the normalisation and the store into the basis (no rotations, no
+  checks), and against the bare products;
+* ``normal_equations`` — the backward pass of ``root_solve`` / ``fixed_point_solve`` with
+  ``ig.CGNR`` against GMRES and BiCGStab, on a Jacobian close to an orthogonal matrix
+  (``F(x) = Q x + 0.3 tanh(W x) − θ``: eigenvalues around the unit circle, singular values
+  near 1) and on the DEQ and root problems (well-conditioned, eigenvalues near 1).
 """
 
 from __future__ import annotations
@@ -132,6 +144,160 @@ def measure(case: Dict[str, Any], reps: int, warmup: int, device) -> Dict[str, A
     }
 
 
+def arnoldi_floor(case: Dict[str, Any], steps: int) -> Callable[[], None]:
+    """The least an Arnoldi process of ``steps`` products costs in eager PyTorch: each
+    product followed by two classical Gram-Schmidt passes (two block products with the
+    basis each), the normalisation and the store into the basis, then one product for the
+    final residual. No rotations, no convergence checks, no packing."""
+    matvec, rhs = case["matvec"], case["rhs"]
+    systems = rhs.shape[0] if case["batch_ndim"] else 1
+    flat = rhs.reshape(systems, -1)
+
+    def run() -> None:
+        basis = flat.new_empty(systems, steps, flat.shape[1])
+        vector = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+        basis[:, 0] = vector
+        for j in range(steps - 2):
+            w = matvec(vector.reshape(rhs.shape)).reshape(systems, 1, -1)
+            known = basis[:, : j + 1]
+            h = torch.bmm(w, known.mT)
+            w = torch.baddbmm(w, h, known, alpha=-1)
+            h = torch.bmm(w, known.mT)
+            w = torch.baddbmm(w, h, known, alpha=-1)
+            vector = w.squeeze(1) / torch.linalg.vector_norm(w, dim=2)
+            basis[:, j + 1] = vector
+        matvec(vector.reshape(rhs.shape))
+
+    return run
+
+
+def floor(quick: bool, reps: int, warmup: int, device) -> Dict[str, Any]:
+    """GMRES, the Arnoldi floor and the bare products, interleaved, on each non-symmetric case."""
+    builders = {"deq": lambda: deq_case(device, batched=False), "deq_batched": lambda: deq_case(device, batched=True),
+                "root": lambda: root_case(quick, device)}
+    return {key: floor_case(build(), reps, warmup, device) for key, build in builders.items()}
+
+
+def floor_case(case: Dict[str, Any], reps: int, warmup: int, device) -> Dict[str, Any]:
+    matvec, rhs, batch_ndim = case["matvec"], case["rhs"], case["batch_ndim"]
+    solver = ig.GMRES(maxiter=2000, tol=TOL)
+    _, info = solver(matvec, rhs, batch_ndim=batch_ndim)
+    k = info.iterations
+    inputs = [torch.randn(rhs.shape, generator=torch.Generator().manual_seed(i), dtype=DT).to(device)
+              for i in range(k)]
+    arnoldi = arnoldi_floor(case, k)
+    impls = [Impl("GMRES", lambda: None, lambda _s: solver(matvec, rhs, batch_ndim=batch_ndim)),
+             Impl("floor", lambda: None, lambda _s: arnoldi()),
+             Impl("matvecs", lambda: None, lambda _s: [matvec(v) for v in inputs])]
+    times = interleaved(impls, reps=reps, warmup=warmup, device=device)
+    summary = summarize(times, [("GMRES", "matvecs"), ("floor", "matvecs"), ("GMRES", "floor")])
+    return {"description": case["description"], "products": k, "times_s": times, **summary}
+
+
+def rotation_problem(quick: bool, device):
+    """``F(x) = Q x + 0.3 tanh(W x) − θ`` with ``Q`` orthogonal: a Jacobian whose eigenvalues
+    lie around the unit circle and whose singular values are all near 1."""
+    n = 500 if quick else 2000
+    gen = torch.Generator().manual_seed(5)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT)).Q.to(device)
+    W = (torch.randn(n, n, generator=gen, dtype=DT) / n**0.5).to(device)
+    theta = torch.randn(n, generator=gen, dtype=DT).to(device)
+
+    def newton(F, x0, th):
+        x = x0
+        for _ in range(30):
+            jac = Q + 0.3 * (1 - torch.tanh(W @ x) ** 2)[:, None] * W
+            x = x - torch.linalg.solve(jac, F(x, th))
+        return x
+
+    def problem(linear_solver):
+        th = theta.clone().requires_grad_(True)
+        x, info = ig.root_solve(lambda x, th: Q @ x + 0.3 * torch.tanh(W @ x) - th, torch.zeros_like(theta), th,
+                                solver=newton, linear_solver=linear_solver, on_failure="ignore", return_info=True)
+        return (x**3).sum(), th, info
+
+    return f"root_solve backward, Jacobian near an orthogonal matrix, F(x) = Q x + 0.3 tanh(W x) − θ, {n} unknowns", \
+        problem
+
+
+def deq_problem(device):
+    """The backward pass of a DEQ layer ``z = tanh(W z + U x)`` (width 64, batch 32)."""
+    width, batch = 64, 32
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(width, width, generator=gen, dtype=DT)
+    W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(device)
+    U = (torch.randn(width, width, generator=gen, dtype=DT) / width**0.5).to(device)
+    inputs = torch.randn(batch, width, generator=gen, dtype=DT).to(device)
+    forward = ig.solvers.FixedPointIteration(maxiter=2000, tol=1e-12)
+
+    def problem(linear_solver):
+        u = U.clone().requires_grad_(True)
+        z, info = ig.fixed_point_solve(lambda z, u: torch.tanh(z @ W.T + inputs @ u.T), torch.zeros_like(inputs), u,
+                                       solver=forward, linear_solver=linear_solver, on_failure="ignore",
+                                       return_info=True)
+        return (z**2).sum(), u, info
+
+    return "fixed_point_solve backward, DEQ z = tanh(W z + U x), width 64, batch 32", problem
+
+
+def root_problem(quick: bool, device):
+    """The backward pass of ``F(x) = x + ½ tanh(A x) − θ``."""
+    n = 500 if quick else 2000
+    gen = torch.Generator().manual_seed(4)
+    A = (0.9 * torch.randn(n, n, generator=gen, dtype=DT) / n**0.5).to(device)
+    theta = torch.randn(n, generator=gen, dtype=DT).to(device)
+
+    def iterate(F, x0, th):
+        x = x0
+        for _ in range(200):
+            x = th - 0.5 * torch.tanh(A @ x)
+        return x
+
+    def problem(linear_solver):
+        th = theta.clone().requires_grad_(True)
+        x, info = ig.root_solve(lambda x, th: x + 0.5 * torch.tanh(A @ x) - th, torch.zeros_like(theta), th,
+                                solver=iterate, linear_solver=linear_solver, on_failure="ignore", return_info=True)
+        return (x**3).sum(), th, info
+
+    return f"root_solve backward, F(x) = x + ½ tanh(A x) − θ, {n} unknowns", problem
+
+
+def backward_race(problem: Callable, solvers: Dict[str, Any], reps: int, warmup: int, device,
+                  tol: float, reference: Optional[Any] = None) -> Dict[str, Any]:
+    """Backward passes (forward untimed) of ``problem`` with each linear solver, interleaved;
+    the gradients of the solvers that converged are compared with each other and with the
+    untimed ``reference`` solver's."""
+    grads, statuses, products = {}, {}, {}
+    for name, solver in {**solvers, **({"reference": reference} if reference is not None else {})}.items():
+        loss, leaf, info = problem(solver)
+        grads[name] = [torch.autograd.grad(loss, leaf)[0]]
+        statuses[name] = str(info.backward.status)
+        products[name] = info.backward.iterations
+    impls = [Impl(name, lambda solver=solver: problem(solver)[:2],
+                  lambda state: torch.autograd.grad(state[0], state[1])) for name, solver in solvers.items()]
+    times = interleaved(impls, reps=reps, warmup=warmup, device=device)
+    names = list(solvers)
+    summary = summarize(times, [(a, b) for a in names for b in names if a != b])
+    check = agreement({name: g for name, g in grads.items() if statuses[name] == "converged"}, tol)
+    statuses.pop("reference", None)
+    products.pop("reference", None)
+    return {"statuses": statuses, "products": products, "check": check, "times_s": times, **summary}
+
+
+def normal_equations(quick: bool, reps: int, warmup: int, device) -> Dict[str, Any]:
+    """``ig.CGNR`` against GMRES and BiCGStab in backward passes, where it wins and where it loses."""
+    def solvers() -> Dict[str, Any]:
+        return {"GMRES": ig.GMRES(maxiter=2000, tol=TOL), "BiCGStab": ig.BiCGStab(maxiter=2000, tol=TOL),
+                "CGNR": ig.CGNR(maxiter=2000, tol=TOL)}
+
+    out = {}
+    for key, (description, problem) in (("rotation", rotation_problem(quick, device)),
+                                        ("deq", deq_problem(device)), ("root", root_problem(quick, device))):
+        out[key] = {"description": description,
+                    **backward_race(problem, solvers(), reps, warmup, device, 1e-5, reference=ig.Exact())}
+    return out
+
+
 def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable] = None) -> Dict[str, Any]:
     builders = {
         "symmetric": lambda: symmetric_case(quick, device),
@@ -144,7 +310,13 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
         if progress:
             progress(f"krylov: {key}")
         cases[key] = measure(build(), reps, warmup, device)
-    return {"tol": TOL, "dtype": str(DT), "cases": cases}
+    if progress:
+        progress("krylov: Arnoldi floor")
+    floors = floor(quick, reps, warmup, device)
+    if progress:
+        progress("krylov: normal equations (CGNR)")
+    return {"tol": TOL, "dtype": str(DT), "cases": cases, "floor": floors,
+            "normal_equations": normal_equations(quick, reps, warmup, device)}
 
 
 # ---------------------------------------------------------------------------- GMRES of another revision
@@ -167,77 +339,62 @@ def gmres_at(revision: str) -> type:
 def end_to_end(old: type, quick: bool, reps: int, warmup: int, device) -> Dict[str, Any]:
     """The backward pass (forward untimed) of a DEQ layer and of a root problem, with the
     default ``GMRES()`` of this revision against ``old()``."""
-    width, batch = 64, 32
-    gen = torch.Generator().manual_seed(4)
-    W = torch.randn(width, width, generator=gen, dtype=DT)
-    W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(device)
-    U = (torch.randn(width, width, generator=gen, dtype=DT) / width**0.5).to(device)
-    inputs = torch.randn(batch, width, generator=gen, dtype=DT).to(device)
-    forward = ig.solvers.FixedPointIteration(maxiter=2000, tol=1e-12)
-
-    def deq(linear_solver):
-        u = U.clone().requires_grad_(True)
-        z = ig.fixed_point_solve(lambda z, u: torch.tanh(z @ W.T + inputs @ u.T), torch.zeros_like(inputs), u,
-                                 solver=forward, linear_solver=linear_solver)
-        return (z**2).sum(), u
-
-    n = 500 if quick else 2000
-    A = (0.9 * torch.randn(n, n, generator=gen, dtype=DT) / n**0.5).to(device)
-    theta = torch.randn(n, generator=gen, dtype=DT).to(device)
-
-    def iterate(F, x0, th):
-        x = x0
-        for _ in range(200):
-            x = th - 0.5 * torch.tanh(A @ x)
-        return x
-
-    def root(linear_solver):
-        th = theta.clone().requires_grad_(True)
-        x = ig.root_solve(lambda x, th: x + 0.5 * torch.tanh(A @ x) - th, torch.zeros_like(theta), th,
-                          solver=iterate, linear_solver=linear_solver)
-        return (x**3).sum(), th
-
     out = {}
-    for key, problem in (("deq", deq), ("root", root)):
-        grads = {}
-        for name, solver in (("before", old()), ("after", ig.GMRES())):
-            loss, leaf = problem(solver)
-            grads[name] = [torch.autograd.grad(loss, leaf)[0]]
-        impls = [Impl(name, lambda problem=problem, s=solver: problem(s),
-                      lambda state: torch.autograd.grad(state[0], state[1]))
-                 for name, solver in (("before", old()), ("after", ig.GMRES()))]
-        times = interleaved(impls, reps=reps, warmup=warmup, device=device)
-        out[key] = {"check": agreement(grads, 1e-7), **summarize(times, [("before", "after")])}
+    for key, (_, problem) in (("deq", deq_problem(device)), ("root", root_problem(quick, device))):
+        race = backward_race(problem, {"before": old(), "after": ig.GMRES()}, reps, warmup, device, 1e-7)
+        out[key] = race
     return out
+
+
+def _print_races(results: Dict[str, Any]) -> None:
+    for key, res in results.items():
+        names = list(res["products"])
+        print(f"{key}: {res['description']}")
+        for name in names:
+            print(f"  {name:9s} {res['statuses'][name]:15s} {res['products'][name]:5d} products  "
+                  f"backward {1e3 * res['median_s'][name]:8.2f} ms  "
+                  + "  ".join(f"/{other} {res['ratios'][f'{name}/{other}']:.2f}" for other in names if other != name))
+        print(f"  gradients of the converged solvers agree to {res['check']['max_rel_diff']:.1e} "
+              f"({', '.join(res['check']['pairs'])})")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="GMRES of this tree against the GMRES of a git revision.")
-    parser.add_argument("--compare-gmres", metavar="REV", required=True, help="e.g. HEAD~3")
+    parser = argparse.ArgumentParser(description="GMRES against another revision's, its Arnoldi floor, and CGNR.")
+    parser.add_argument("--compare-gmres", metavar="REV", help="time GMRES against the GMRES of a git revision")
+    parser.add_argument("--floor", action="store_true", help="GMRES against the Arnoldi floor and the bare products")
+    parser.add_argument("--cgnr", action="store_true", help="CGNR against GMRES and BiCGStab in backward passes")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    old = gmres_at(args.compare_gmres)
-    results = end_to_end(old, args.quick, args.reps, args.warmup, device)
-    for key, res in results.items():
-        med = res["median_s"]
-        print(f"{key}: backward with GMRES() at {args.compare_gmres}: {1e3 * med['before']:.2f} ms, "
-              f"now: {1e3 * med['after']:.2f} ms (median ratio {res['ratios']['before/after']:.2f}x, "
-              f"best-of-rounds {res['best_ratios']['before/after']:.2f}x); gradients agree to "
-              f"{res['check']['max_rel_diff']:.1e}")
-    solver_level = {}
-    for key, case in (("deq", deq_case(device, batched=False)), ("root", root_case(args.quick, device))):
-        case["solvers"] = {"before": old(maxiter=2000, tol=TOL), "after": ig.GMRES(maxiter=2000, tol=TOL)}
-        solver_level[key] = measure(case, args.reps, args.warmup, device)
-        c = solver_level[key]
-        print(f"{key}: solve / its matvecs alone: before {c['overhead']['before']:.2f} "
-              f"({c['iterations']['before']} products), after {c['overhead']['after']:.2f} "
-              f"({c['iterations']['after']} products)")
+    if args.compare_gmres:
+        old = gmres_at(args.compare_gmres)
+        for key, res in end_to_end(old, args.quick, args.reps, args.warmup, device).items():
+            med = res["median_s"]
+            print(f"{key}: backward with GMRES() at {args.compare_gmres}: {1e3 * med['before']:.2f} ms, "
+                  f"now: {1e3 * med['after']:.2f} ms (median ratio {res['ratios']['before/after']:.2f}x, "
+                  f"best-of-rounds {res['best_ratios']['before/after']:.2f}x); gradients agree to "
+                  f"{res['check']['max_rel_diff']:.1e}")
+        for key, case in (("deq", deq_case(device, batched=False)), ("deq_batched", deq_case(device, batched=True)),
+                          ("root", root_case(args.quick, device))):
+            case["solvers"] = {"before": old(maxiter=2000, tol=TOL), "after": ig.GMRES(maxiter=2000, tol=TOL)}
+            c = measure(case, args.reps, args.warmup, device)
+            print(f"{key}: solve / its matvecs alone: before {c['overhead']['before']:.2f} "
+                  f"({c['iterations']['before']} products), after {c['overhead']['after']:.2f} "
+                  f"({c['iterations']['after']} products); after / before {c['ratios']['after/before']:.2f}")
+    if args.floor:
+        for key, res in floor(args.quick, args.reps, args.warmup, device).items():
+            r = res["ratios"]
+            print(f"{key} ({res['products']} products): GMRES / matvecs {r['GMRES/matvecs']:.2f}, "
+                  f"floor / matvecs {r['floor/matvecs']:.2f}, GMRES / floor {r['GMRES/floor']:.2f} "
+                  f"(medians: GMRES {1e3 * res['median_s']['GMRES']:.2f} ms, floor {1e3 * res['median_s']['floor']:.2f}"
+                  f" ms, matvecs {1e3 * res['median_s']['matvecs']:.2f} ms)")
+    if args.cgnr:
+        _print_races(normal_equations(args.quick, args.reps, args.warmup, device))
 
 
 if __name__ == "__main__":

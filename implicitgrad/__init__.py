@@ -8,7 +8,7 @@ from . import distributed, linalg, meta, nn, projections, prox, qp, solvers, tes
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
 from ._moved import FormerPaths
-from .linalg import CG, GMRES, MINRES, BiCGStab, Exact, LinearSolver, Neumann, Status
+from .linalg import CG, CGNR, GMRES, MINRES, BiCGStab, Exact, LinearSolver, Neumann, Status
 from .qp import QPInfo, qp_solve
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ def __getattr__(name: str) -> ModuleType:
 __all__ = [
     "BiCGStab",
     "CG",
+    "CGNR",
     "ConvergenceError",
     "Exact",
     "GMRES",

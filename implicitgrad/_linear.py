@@ -17,6 +17,7 @@ from ._diagnostics import SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
 from .linalg._base import PytreeLayout, dot, norm, product_precision, propagate_nonfinite, run_linear_solver
+from .linalg.cgnr import transposed_product
 
 #: Dtypes whose linear solves run in float32: their reductions lose too much precision.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -43,7 +44,10 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
             return [o.float() for o in low_op([t.to(dtype) for t in v])]
 
         b = [t.float() for t in b]
-    with product_precision(dtype):
+    # A solver that needs products with Aᵀ as well (ig.CGNR) receives the other product.
+    needs_other = getattr(options.linear_solver, "needs_transpose", False)
+    other = (lin.matvec if transpose else lin.rmatvec) if needs_other else None
+    with product_precision(dtype), transposed_product(other):
         if not cond.symmetric and getattr(options.linear_solver, "symmetric", False):
             _check_symmetric(cond, options, op, b)
         solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout)

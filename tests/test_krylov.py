@@ -1,6 +1,6 @@
-"""Krylov solvers for non-symmetric systems (GMRES, BiCGStab): accuracy against dense
+"""Krylov solvers for non-symmetric systems (GMRES, BiCGStab, CGNR): accuracy against dense
 solves, product budgets, per-system convergence in batches, breakdowns and NaN, and the
-two inside implicit solves under backward, double backward, jvp and vmap (float64)."""
+three inside implicit solves under backward, double backward, jvp and vmap (float64)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import implicitgrad as ig
 
 DT = torch.float64
 NONSYMMETRIC = [(name, solver) for name, solver in linear_solvers(symmetric=False) if name != "Exact"]
+#: With CG on the normal equations, whose rate is set by κ(A)² (a larger budget).
+WITH_CGNR = NONSYMMETRIC + [("CGNR", ig.CGNR(maxiter=4000))]
 
 
 def nonsymmetric_matrix(n: int, cond: float, seed: int = 0) -> torch.Tensor:
@@ -49,7 +51,7 @@ class Counted:
 # --------------------------------------------------------------------------- alone
 
 
-@pytest.mark.parametrize("name,solver", NONSYMMETRIC)
+@pytest.mark.parametrize("name,solver", WITH_CGNR)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_against_dense_solve(name, solver, seed):
     A = nonsymmetric_matrix(40, 50.0, seed)
@@ -126,7 +128,7 @@ def test_gmres_check_interval_keeps_the_solution(check_every):
     assert info.converged and rel_err(x, torch.linalg.solve(A, b)) <= 1e-8
 
 
-@pytest.mark.parametrize("name,solver", NONSYMMETRIC)
+@pytest.mark.parametrize("name,solver", WITH_CGNR)
 def test_pytree_leaves_and_two_batch_dimensions(name, solver):
     """b = {"a": (2, 3, 4), "b": (2, 3, 2, 3)} with batch_ndim = 2: six coupled 10×10 systems."""
     mats = torch.stack([nonsymmetric_matrix(10, 20.0, seed=s) for s in range(6)]).reshape(2, 3, 10, 10)
@@ -229,7 +231,7 @@ def test_bicgstab_breakdown_names_gmres():
     assert rel_err(x[1], torch.linalg.solve(mats[1], bs[1])) <= 1e-12
 
 
-@pytest.mark.parametrize("name,solver", NONSYMMETRIC)
+@pytest.mark.parametrize("name,solver", WITH_CGNR)
 def test_nonfinite_data_gives_nan_not_a_finite_number(name, solver):
     A = nonsymmetric_matrix(8, 5.0, seed=12)
     b = torch.ones(8, dtype=DT)
@@ -270,6 +272,106 @@ def test_bicgstab_rejects_a_preconditioner_that_is_not_callable():
         ig.BiCGStab(preconditioner="jacobi")
 
 
+# --------------------------------------------------------------------------- CG on the normal equations
+
+
+def near_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """``Q diag(σ)`` with ``Q`` a random orthogonal matrix and σ in [1, 1.5]: eigenvalues
+    spread around the origin, singular values clustered (κ(A)² = 2.25)."""
+    q = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=DT)).Q
+    return q * torch.linspace(1.0, 1.5, n, dtype=DT)[None, :]
+
+
+class CountedTranspose(Counted):
+    def __call__(self, u):
+        self.calls += 1
+        return batched(self.A.mT)(u)
+
+
+def test_cgnr_converges_where_gmres_and_bicgstab_do_not():
+    """CG on AᵀA depends on the singular values only: clustered here, so a few dozen
+    products suffice, where the eigenvalues around the origin stall GMRES(20) and BiCGStab."""
+    A = near_orthogonal(80, seed=40)
+    b = torch.randn(80, dtype=DT, generator=torch.Generator().manual_seed(41))
+    x, info = ig.CGNR(maxiter=200)(lambda v: A @ v, b, rmatvec=lambda u: A.T @ u)
+    assert info.status == "converged" and info.iterations <= 80, info
+    assert info.residual == pytest.approx(float(measured(A, x, b)), rel=1e-6)
+    assert rel_err(x, torch.linalg.solve(A, b)) <= 1.5 * 1e-10
+    for other in (ig.GMRES(maxiter=info.iterations * 5), ig.BiCGStab(maxiter=info.iterations * 5)):
+        assert not other(lambda v: A @ v, b)[1].converged
+
+
+def test_cgnr_transpose_from_rmatvec_or_from_autograd():
+    A = nonsymmetric_matrix(20, 10.0, seed=42)
+    b = torch.randn(20, dtype=DT, generator=torch.Generator().manual_seed(42))
+    op, op_t = Counted(A), CountedTranspose(A)
+    x, info = ig.CGNR(maxiter=500).solve(op, b, rmatvec=op_t)
+    assert info.converged and op_t.calls > 0
+    # One product with Aᵀ first, then one with A and one with Aᵀ per iteration, and the
+    # final measured residual: all counted, all within maxiter.
+    assert info.iterations == op.calls + op_t.calls and op.calls == op_t.calls
+    # Without rmatvec, Aᵀ u is the vector-Jacobian product of the (linear) matvec.
+    y, auto = ig.CGNR(maxiter=500)(lambda v: A @ v, b)
+    assert auto.converged and rel_err(y, x) <= 1e-10
+    assert rel_err(x, torch.linalg.solve(A, b)) <= 1e-9
+    # A matvec autograd cannot see through needs rmatvec, and the error says so.
+    with pytest.raises(TypeError, match="rmatvec"):
+        ig.CGNR()(lambda v: torch.from_numpy(A.numpy() @ v.detach().numpy()), b)
+    with pytest.raises(TypeError, match="rmatvec"):
+        ig.CGNR()(lambda v: A @ v, b, rmatvec="A.T")
+
+
+def test_cgnr_budget_counts_both_products():
+    A = nonsymmetric_matrix(60, 1e3, seed=2)
+    b = torch.ones(60, dtype=DT)
+    for maxiter in (1, 2, 3, 4, 9, 24):
+        op, op_t = Counted(A), CountedTranspose(A)
+        x, info = ig.CGNR(maxiter=maxiter)(op, b, rmatvec=op_t)
+        assert info.iterations == op.calls + op_t.calls <= maxiter
+        assert info.status == "max_iterations"
+        assert info.residual == pytest.approx(float(measured(A, x, b)), rel=1e-8)
+
+
+def test_cgnr_batch_with_a_much_harder_system():
+    """Each system stops on its own ‖r_i‖ ≤ tol ‖b_i‖: the hard one (κ 10× larger, data
+    1e10 times smaller) is solved, and the easy ones end as they do alone."""
+    mats = torch.stack([nonsymmetric_matrix(100, 2.0, seed=s) for s in range(3)]
+                       + [nonsymmetric_matrix(100, 30.0, seed=9)])
+    b = torch.randn(4, 100, dtype=DT, generator=torch.Generator().manual_seed(7))
+    b[3] *= 1e-10
+    tol = 1e-9
+    solver = ig.CGNR(maxiter=3000, tol=tol)
+    x, info = solver(batched(mats), b, batch_ndim=1, rmatvec=batched(mats.mT))
+    assert info.converged, info
+    per_system = measured(mats, x, b)
+    assert bool((per_system <= tol).all()), per_system
+    for i in range(4):
+        xi, ii = solver(lambda v, i=i: mats[i] @ v, b[i], rmatvec=lambda u, i=i: mats[i].T @ u)
+        assert ii.converged and rel_err(x[i], xi) <= 1e-6
+    alone = [solver(lambda v, i=i: mats[i] @ v, b[i])[1].iterations for i in range(4)]
+    assert alone[3] > 2 * max(alone[:3])
+
+
+def test_cgnr_breakdown_gives_the_least_squares_solution():
+    """A singular, b outside its range: Aᵀ r vanishes with r ≠ 0."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=DT))
+    x, info = ig.CGNR()(lambda v: A @ v, torch.ones(3, dtype=DT))
+    assert info.status == "breakdown" and not info.converged
+    assert rel_err(x, torch.tensor([1.0, 0.5, 0.0], dtype=DT)) <= 1e-12
+    assert info.residual == pytest.approx(3**-0.5, rel=1e-10)
+
+
+def test_cgnr_in_root_solve_uses_the_conditions_other_product():
+    """Inside root_solve the solver receives (∂ₓF) as the transpose of the backward's
+    (∂ₓF)ᵀ: no autograd graph of the matvec is needed, and the gradient is exact."""
+    theta = torch.tensor([0.3, -0.5, 0.8], dtype=DT, requires_grad=True)
+    x, info = ig.root_solve(root_residual, torch.zeros(6, dtype=DT), theta, solver=newton,
+                            linear_solver=ig.CGNR(maxiter=400), return_info=True)
+    (g,) = torch.autograd.grad(outer(x), theta)
+    assert info.backward.solver == "CGNR" and info.backward.converged
+    assert rel_err(g, torch.func.grad(unrolled_loss)(theta.detach())) <= 1e-8
+
+
 # --------------------------------------------------------------------------- inside implicit solves
 
 G = torch.Generator().manual_seed(20)
@@ -304,7 +406,7 @@ def unrolled_loss(theta):
     return outer(newton(root_residual, torch.zeros(6, dtype=DT), theta))
 
 
-@pytest.mark.parametrize("name,solver", NONSYMMETRIC)
+@pytest.mark.parametrize("name,solver", WITH_CGNR)
 def test_root_solve_gradient_hessian_and_jvp(name, solver):
     theta = torch.tensor([0.3, -0.5, 0.8], dtype=DT)
     g = torch.func.grad(implicit_loss)(theta, solver)
@@ -323,7 +425,7 @@ def test_root_solve_gradient_hessian_and_jvp(name, solver):
     assert float(dot) == pytest.approx(float(dot_ref), rel=1e-8)
 
 
-@pytest.mark.parametrize("name,solver", NONSYMMETRIC)
+@pytest.mark.parametrize("name,solver", WITH_CGNR)
 def test_vmap_over_parameters_equals_the_loop(name, solver):
     thetas = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(22))
     grads = torch.func.vmap(torch.func.grad(implicit_loss), in_dims=(0, None))(thetas, solver)
@@ -350,7 +452,7 @@ def test_fixed_point_solve_under_vmap_with_each_solver():
         return torch.tanh(W @ z + U @ u)
 
     forward = ig.solvers.FixedPointIteration(tol=1e-14, maxiter=5000)
-    for _, solver in NONSYMMETRIC:
+    for _, solver in WITH_CGNR:
         def loss(u, solver=solver):
             z = ig.fixed_point_solve(mapping, torch.zeros(8, dtype=DT), u, solver=forward, linear_solver=solver)
             return (z**2).sum()
