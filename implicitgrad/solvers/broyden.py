@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, cast
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -127,7 +127,10 @@ class Broyden(InnerSolver):
         norm = torch.linalg.vector_norm(gx, dim=-1)
         best, best_norm = x, norm
         threshold = tol * norm.clamp_min(1.0)
-        U = V = x.new_zeros(x.shape[:-1] + (0, x.shape[-1]))  # H = −I + Uᵀ V, pairs as rows
+        # H = −I + Uᵀ V with the pairs as rows; rows not yet written are zero and add nothing.
+        U = x.new_zeros(x.shape[:-1] + (self.memory, x.shape[-1]))
+        V = torch.zeros_like(U)
+        pairs = 0
         moving = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         k = 1
         while k < self.maxiter:
@@ -136,26 +139,32 @@ class Broyden(InnerSolver):
                 moving = moving & ~(best_norm <= threshold)
                 if not bool(moving.any()):
                     break
-            x_new = x - _apply(U, V, gx)
+            x_new = x - _apply(U, V, gx, pairs)
             g_new = g(x_new)
             k += 1
-            finite = torch.isfinite(g_new).all(-1) & torch.isfinite(x_new).all(-1)
-            accept = moving & finite
+            # In the fixed-point form a non-finite x_new makes g_new non-finite too.
+            finite = torch.isfinite(g_new if fixed_point else torch.cat([g_new, x_new], -1)).all(-1)
+            accept = (moving & finite).unsqueeze(-1)
             dx, dg = x_new - x, g_new - gx
-            v = _apply(V, U, dx)  # Hᵀ Δx
+            if pairs == self.memory:  # restart from H₀ = −I
+                U.zero_()
+                V.zero_()
+                pairs = 0
+            v = _apply(V, U, dx, pairs)  # Hᵀ Δx
             denom = (v * dg).sum(-1, keepdim=True)
-            u = (dx - _apply(U, V, dg)) / torch.where(denom == 0, torch.ones_like(denom), denom)
-            update = accept & (denom.squeeze(-1).abs() > torch.finfo(x.dtype).eps * (v.norm(dim=-1) * dg.norm(dim=-1)))
-            u = torch.where(update.unsqueeze(-1), u, torch.zeros_like(u))
-            v = torch.where(update.unsqueeze(-1), v, torch.zeros_like(v))
-            if U.shape[-2] == self.memory:  # restart from H₀ = −I
-                U = V = x.new_zeros(x.shape[:-1] + (0, x.shape[-1]))
-            else:
-                keep = (finite | ~moving).unsqueeze(-1).unsqueeze(-1)  # a non-finite step clears the memory
-                U = torch.cat([U, u.unsqueeze(-2)], -2) * keep
-                V = torch.cat([V, v.unsqueeze(-2)], -2) * keep
-            x = torch.where(accept.unsqueeze(-1), x_new, x)
-            gx = torch.where(accept.unsqueeze(-1), g_new, gx)
+            # A denominator at rounding level (relative to |v| |Δg|) would make u meaningless: no update.
+            scale = torch.finfo(x.dtype).eps * torch.linalg.vector_norm(v, dim=-1, keepdim=True) \
+                * torch.linalg.vector_norm(dg, dim=-1, keepdim=True)
+            update = accept & (denom.abs() > scale) & torch.isfinite(denom)
+            u = (dx - _apply(U, V, dg, pairs)) / denom.masked_fill(~update, 1.0)
+            U[..., pairs, :] = u.masked_fill(~update, 0.0)  # not a product with the mask: NaN · 0 is NaN
+            V[..., pairs, :] = v.masked_fill(~update, 0.0)
+            pairs += 1
+            keep = (finite | ~moving).unsqueeze(-1).unsqueeze(-1)  # a non-finite step clears the memory
+            U.mul_(keep)
+            V.mul_(keep)
+            x = torch.where(accept, x_new, x)
+            gx = torch.where(accept, g_new, gx)
             norm = torch.linalg.vector_norm(gx, dim=-1)
             improved = norm < best_norm
             best = torch.where(improved.unsqueeze(-1), x, best)
@@ -173,10 +182,10 @@ class Broyden(InnerSolver):
         return rebuild(unflatten(best)), SolverStats(k, float(best_norm.square().sum().sqrt()), converged, message)
 
 
-def _apply(U: torch.Tensor, V: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(−I + Uᵀ V) y`` for ``U, V`` of shape ``(*batch, m, n)`` and ``y`` of shape ``(*batch, n)``;
-    ``_apply(V, U, y)`` is the transpose, ``(−I + Vᵀ U) y``."""
-    if not U.shape[-2]:
+def _apply(U: torch.Tensor, V: torch.Tensor, y: torch.Tensor, pairs: int) -> torch.Tensor:
+    """``(−I + Uᵀ V) y`` with the first ``pairs`` rows of ``U, V`` (shape ``(*batch, m, n)``) and
+    ``y`` of shape ``(*batch, n)``; ``_apply(V, U, y, pairs)`` is the transpose, ``(−I + Vᵀ U) y``."""
+    if not pairs:
         return -y
-    coefficients = cast(torch.Tensor, V @ y.unsqueeze(-1))
-    return -y + (U.transpose(-1, -2) @ coefficients).squeeze(-1)
+    U, V = U[..., :pairs, :], V[..., :pairs, :]
+    return (U.transpose(-1, -2) @ (V @ y.unsqueeze(-1))).squeeze(-1) - y
