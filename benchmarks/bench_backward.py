@@ -19,10 +19,12 @@ timing, the three gradients are computed in float64 and compared.
 
 from __future__ import annotations
 
+import copy
 import cProfile
 import functools
 import io
 import pstats
+import re
 import warnings
 from typing import Any, Callable, Dict, List, Optional
 
@@ -130,12 +132,17 @@ class Case:
     def setup_params(self):
         return [t.detach().clone().requires_grad_(True) for t in self.theta]
 
-    def run_ig_call(self, theta):
+    def run_ig_call(self, theta, **options):
+        """``options`` go to ``ig.implicit_solve`` (``warm_start=...``, for instance)."""
         x = ig.implicit_solve(
             self.objective, self.to_x(self.x0()), self.to_theta(theta), *self.data,
-            solver=_given(self.to_x(self.x_star)), linear_solver=self.ig_linear, on_failure="ignore",
+            solver=_given(self.to_x(self.x_star)), linear_solver=self.ig_linear, on_failure="ignore", **options,
         )
         return torch.autograd.grad(self.outer(x), theta)
+
+    def run_torchopt_call(self, theta):
+        x = self.torchopt_solver(tuple(self.x0()), tuple(theta), *self.data)
+        return torch.autograd.grad(self.outer(self.to_x(list(x))), theta)
 
     def run_floor_call(self, theta):
         x = [t.detach().clone().requires_grad_(True) for t in self.x_star]
@@ -156,6 +163,24 @@ class Case:
 
     def x0(self) -> List[torch.Tensor]:
         return [torch.zeros_like(t) for t in self.x_star]
+
+    def variant(self, K: Optional[int] = None, theta=None, x_star=None, linear=None) -> Case:
+        """A copy of this case with another ``K``, point ``θ`` or solution ``x*`` (solvers rebuilt).
+
+        ``linear`` replaces implicitgrad's linear solver (``ig.CG(maxiter=K, tol=1e-30)`` otherwise).
+        """
+        other = copy.copy(self)
+        if K is not None:
+            other.K = K
+            other.description = re.sub(r"CG K = \d+", f"CG K = {K}", self.description)
+        if theta is not None:
+            other.theta = list(theta)
+        if x_star is not None:
+            other.x_star = list(x_star)
+        Case.__init__(other)
+        if linear is not None:
+            other.ig_linear = linear
+        return other
 
     def backward_iterations(self) -> int:
         """CG iterations implicitgrad's backward actually ran (checks the forcing works)."""
@@ -324,4 +349,41 @@ def run(device, quick: bool, reps: int, warmup: int, dtype=torch.float32, progre
         if not quick and vs_floor is not None and vs_floor > TARGET_VS_FLOOR:
             entry["profile"] = profile(case)
         results["cases"][case.name] = entry
+    return results
+
+
+# ---------------------------------------------------------------------------- whole call
+
+CALL_KS = (5, 20)
+# Target of the issue: forward + outer loss + backward within 5 % of the floor's whole call.
+TARGET_CALL_VS_FLOOR = 1.05
+
+
+def call_cases(device, dtype, Ks=CALL_KS) -> List[Case]:
+    """Both problems at every ``K`` of ``Ks`` (logistic first)."""
+    return [case.variant(K=K) for K in Ks for case in build_cases(device, dtype)]
+
+
+def run_call(device, quick: bool, reps: int, warmup: int, dtype=torch.float32,
+             progress: Optional[Callable] = None) -> Dict[str, Any]:
+    """Whole-call rows: implicitgrad against the floor, both doing forward, outer loss and hypergradient.
+
+    The forward "solver" of implicitgrad returns the solution computed beforehand (so the
+    forward cost is implicitgrad's own: the check of the condition at ``x*``, the graph it
+    keeps for the backward, the diagnostics); the floor starts from the same solution. Each
+    pair is first compared in float64, then timed interleaved in ``dtype``.
+    """
+    del quick  # the rows are the issue's four configurations in every run
+    results: Dict[str, Any] = {"dtype": str(dtype).replace("torch.", ""), "target": TARGET_CALL_VS_FLOOR,
+                               "cases": {}}
+    for case64, case in zip(call_cases(device, torch.float64), call_cases(device, dtype)):
+        if progress:
+            progress(f"call: {case.name}, K = {case.K}")
+        grads = {impl.name: [g.detach() for g in impl.run(impl.setup())] for impl in case64.call_impls()}
+        times = interleaved(case.call_impls(), reps=reps, warmup=warmup, device=device)
+        results["cases"][f"{case.name}_K{case.K}"] = {
+            "description": case.description, "problem": case.name, "K": case.K,
+            "check": agreement(grads, AGREEMENT_TOL), "times_s": times,
+            **summarize(times, [("implicitgrad", "floor")]),
+        }
     return results

@@ -21,7 +21,17 @@ Sections (``--only`` selects some):
   time to a relative residual of 1e-6, backward time, gradients against a dense reference
   (:mod:`bench_deq`);
 * ``qp`` — ``ig.qp_solve`` against qpth and cvxpylayers on 64 QPs: forward and backward time,
-  gradients against each other and central differences (:mod:`bench_qp`).
+  gradients against each other and central differences (:mod:`bench_qp`);
+* ``call`` — the whole call (forward returning a solution computed beforehand, outer loss,
+  hypergradient) of implicitgrad against the floor's, both problems of ``backward`` at
+  K = 5 and K = 20 CG steps (:func:`bench_backward.run_call`);
+* ``tta`` — time to accuracy on the logistic problem: hypergradient error against wall
+  time and against Hessian-vector products for implicitgrad cold, warm and compiled,
+  TorchOpt, JAXopt (jit-compiled, optional: ``pip install 'jax[cpu]' jaxopt``) and the
+  floor, and JAXopt's whole call and backward against implicitgrad's and the floor's with
+  one thread each, in a worker process (:mod:`bench_tta`);
+* ``warm`` — Hessian-vector products to a 1e-6 hypergradient error per outer step, cold
+  against warm-started CG, over an HPO run and an iMAML meta-training run (:mod:`bench_warm`).
 
 Usage (from the repository root)::
 
@@ -55,7 +65,10 @@ from _timing import machine_info, machine_line  # noqa: E402
 
 import implicitgrad as ig  # noqa: E402
 
-SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov", "deq", "qp")
+SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov", "deq", "qp", "call", "tta", "warm")
+# The whole-call, time-to-accuracy and warm-start sections: section -> (module, function).
+PERFORMANCE_RUNNERS = {"call": ("bench_backward", "run_call"), "tta": ("bench_tta", "run"),
+                       "warm": ("bench_warm", "run")}
 METHOD_LABELS = {
     "imaml": "iMAML (implicitgrad)",
     "maml": "MAML (implicitgrad unrolled)",
@@ -220,6 +233,7 @@ def table_rows(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                       "GMRES's restart residuals and every solver's final measured residual."],
         }
     tables.update(layer_tables(results))
+    tables.update(performance_tables(results))
     return tables
 
 
@@ -265,6 +279,91 @@ def layer_tables(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         tables["Batched QP layer (vs qpth, cvxpylayers)"] = {
             "header": ["library", "forward", "backward", "implicitgrad / it, forward", "implicitgrad / it, backward"],
             "rows": rows, "notes": notes}
+    return tables
+
+
+def performance_tables(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The whole-call, JAXopt, time-to-accuracy and warm-start tables (sections ``call``, ``tta``, ``warm``)."""
+    tables: Dict[str, Dict[str, Any]] = {}
+    reps = results["settings"]["reps"]
+    if "call" in results:
+        call = results["call"]
+        rows = []
+        for case in call["cases"].values():
+            med = case["median_s"]
+            rows.append([case["description"], _ms(med["implicitgrad"]), _ms(med["floor"]),
+                         _verdict(case["ratios"]["implicitgrad/floor"], call["target"]),
+                         f"{case['best_ratios']['implicitgrad/floor']:.2f}", f"{case['check']['max_rel_diff']:.1e}"])
+        tables["Whole call (forward + outer loss + hypergradient)"] = {
+            "header": ["problem", "implicitgrad", "floor (hand-written)",
+                       f"implicitgrad / floor (target ≤ {call['target']})", "best-of-rounds ratio",
+                       "max rel. diff (float64)"],
+            "rows": rows,
+            "notes": [f"{call['dtype']}, median of {reps} interleaved rounds; implicitgrad's forward solver returns "
+                      "the solution computed beforehand, the floor starts from the same solution."]}
+    tta = results.get("tta", {})
+    if "skipped" in tta:
+        tables["Time to accuracy and JAXopt"] = {"header": ["section"], "rows": [["tta"]], "notes": [tta["skipped"]]}
+    elif tta:
+        tables.update(_tta_tables(tta, reps))
+    if "warm" in results:
+        warm = results["warm"]
+        rows = []
+        for key, label in (("hpo", "HPO"), ("hpo_small_steps", "HPO, smaller steps"), ("meta", "meta-training")):
+            run = warm[key]
+            verdict = (_verdict(run["ratio"], warm["target_ratio"], lower_is_better=False) if key == "hpo"
+                       else f"{run['ratio']:.2f}")
+            distance = run["median_start_distance"]
+            rows.append([f"{label}: {run['description']}", str(run["steps"]), str(run["cold_total"]),
+                         str(run["warm_total"]), verdict, "n/a" if distance is None else f"{distance:.1e}"])
+        tables["Warm starts: products to a 1e-6 hypergradient"] = {
+            "header": ["run", "outer steps", "products, cold (from 0)", "products, warm",
+                       f"cold / warm (HPO target ≥ {warm['target_ratio']})",
+                       "median ‖u₀ − u‖/‖u‖ of the warm start"],
+            "rows": rows,
+            "notes": [f"float64; per outer step the fewest Hessian-vector products of ig.CG whose hypergradient is "
+                      f"within {warm['target_error']:g} relative error of the reference, counted at the matvec (a warm "
+                      "start pays its initial residual); totals over the run. CG's error falls by a roughly "
+                      "constant factor per product, so a start at relative distance δ saves about a fraction "
+                      f"log δ / log {warm['target_error']:g} of the products: halving them takes δ ≲ "
+                      f"{warm['target_error'] ** 0.5:g}."]}
+    return tables
+
+
+def _tta_tables(tta: Dict[str, Any], reps: int) -> Dict[str, Dict[str, Any]]:
+    tables: Dict[str, Dict[str, Any]] = {}
+    jax_cmp = tta["jaxopt"]
+    med, cores, ratios = jax_cmp["median_s"], jax_cmp["cpu_per_wall"], jax_cmp["ratios"]
+    rows = []
+    for name in med:
+        kind = name.split()[-1]
+        rows.append([name, _ms(med[name]), f"{cores[name]:.2f}",
+                     f"{ratios[f'{name}/JAXopt {kind}']:.2f}" if f"{name}/JAXopt {kind}" in ratios else "—",
+                     f"{ratios[f'{name}/floor {kind}']:.2f}" if f"{name}/floor {kind}" in ratios else "—"])
+    peer = (f"jax {tta['jax']['jax']}, jaxopt {tta['jax']['jaxopt']}" if tta["jax"]
+            else "JAXopt not installed")
+    check = jax_cmp["check"]
+    notes = [f"{jax_cmp['description']}, float32, median of {reps} interleaved rounds in one worker process: "
+             f"torch threads 1, XLA_FLAGS='{tta['xla_flags']}' ({peer}). 'call' = forward returning the given "
+             "solution + outer loss + hypergradient; 'backward' = the hypergradient alone (JAXopt: the jitted VJP "
+             "of its solution map applied to ∂L/∂w*). CPU/wall: process CPU time over wall time of 5 calls (below 1 "
+             "when other jobs share the cores).",
+             "float64 agreement before timing: " + (", ".join(f"{k} {v:.1e}" for k, v in check["pairs"].items())
+                                                    or "nothing to compare (JAXopt absent)") + "."]
+    notes += tta["notes"]
+    tables[f"JAXopt (jit) against implicitgrad and the floor, K = {jax_cmp['K']}"] = {
+        "header": ["implementation", "median", "CPU / wall", "÷ JAXopt (same kind)", "÷ floor (same kind)"],
+        "rows": rows, "notes": notes}
+    rows = []
+    for name, row in tta["curves"].items():
+        rows.append([name] + [f"{e:.1e} · {1e3 * t:.1f} ms · {p}" for e, t, p in
+                              zip(row["rel_error"], row["median_s"], row["products"])])
+    tables["Time to accuracy (logistic)"] = {
+        "header": ["method"] + [f"K = {k}" for k in tta["grid"]], "rows": rows,
+        "notes": [f"{tta['problem']}; each cell: relative error of the hypergradient against the float64 dense "
+                  "solve · median whole-call time · Hessian-vector products. Measured at the last point of "
+                  f"{tta['trajectory']['steps']} sign-gradient outer steps of {tta['trajectory']['step']} on θ; the "
+                  "warm start carries the solution of the previous step (same K). Plot: time_to_accuracy.png."]}
     return tables
 
 
@@ -371,6 +470,10 @@ def plots(results: Dict[str, Any], out: Path) -> List[str]:
         fig.tight_layout()
         written.append(_save(fig, out / "accuracy.png"))
         plt.close(fig)
+    if "curves" in results.get("tta", {}):
+        import bench_tta
+
+        written.append(bench_tta.plot(results["tta"], out / "time_to_accuracy.png"))
     return written
 
 
@@ -431,6 +534,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if section in args.only:
             module = __import__(f"bench_{section}")
             results[section] = module.run(device, args.quick, args.reps, args.warmup, progress=say)
+    for section, (module_name, function) in PERFORMANCE_RUNNERS.items():
+        if section in args.only:
+            runner = getattr(__import__(module_name), function)
+            results[section] = runner(device, args.quick, args.reps, args.warmup, progress=say)
 
     results["checks"] = _checks(results)
     results["checks_ok"] = all(c["ok"] for c in results["checks"].values())
@@ -481,6 +588,11 @@ def _checks(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     for section in ("deq", "qp"):
         if section in results:
             checks[section] = results[section]["check"]
+    for name, case in results.get("call", {}).get("cases", {}).items():
+        checks[f"call/{name}"] = case["check"]
+    jax_check = results.get("tta", {}).get("jaxopt", {}).get("check")
+    if jax_check and jax_check["pairs"]:
+        checks["tta/jaxopt"] = jax_check
     return checks
 
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
-SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov", "deq", "qp")
+SECTIONS = ("backward", "memory", "accuracy", "batched", "krylov", "deq", "qp", "call", "tta", "warm")
 
 
 def _run(args, tmp_path: Path, env=None):
@@ -132,3 +132,96 @@ def test_imaml_damping_moves_the_meta_gradient_towards_first_order():
     assert all(a > b for a, b in zip(norms, norms[1:]))
     assert rows[damping[-1]]["cos_first_order"] > rows[0.0]["cos_first_order"]
     assert rows[damping[-1]]["cos_first_order"] > 0.999
+
+
+def test_whole_call_rows_cover_both_problems_at_both_K(quick_run):
+    _, results, stdout = quick_run
+    call = results["call"]
+    assert {(case["problem"], case["K"]) for case in call["cases"].values()} == {
+        (problem, K) for problem in ("logistic", "imaml_mlp") for K in (5, 20)}
+    for case in call["cases"].values():
+        assert case["check"]["ok"] and case["check"]["pairs"]
+        assert set(case["median_s"]) == {"implicitgrad", "floor"}
+        assert case["ratios"]["implicitgrad/floor"] > 0
+    assert "Whole call (forward + outer loss + hypergradient)" in stdout
+
+
+def test_time_to_accuracy_curves_and_plot(quick_run):
+    out, results, stdout = quick_run
+    tta = results["tta"]
+    curves = tta["curves"]
+    assert {"implicitgrad cold", "floor"} <= set(curves)
+    cold, floor = curves["implicitgrad cold"], curves["floor"]
+    assert cold["K"] == floor["K"] == tta["grid"]
+    # Same K steps of CG from zero: implicitgrad and the floor compute the same hypergradient.
+    for a, b in zip(cold["rel_error"], floor["rel_error"]):
+        assert a == pytest.approx(b, rel=1e-2)
+    assert cold["rel_error"][-1] < cold["rel_error"][0] < 1
+    assert floor["products"] == tta["grid"]
+    if "TorchOpt" in curves:
+        assert curves["TorchOpt"]["products"] == [k + 1 for k in tta["grid"]]
+    if tta["jax"] is not None:
+        assert results["checks"]["tta/jaxopt"]["ok"]
+        assert "JAXopt" in curves and "JAXopt call" in tta["jaxopt"]["median_s"]
+        assert "--xla_cpu_multi_thread_eigen=false" in tta["xla_flags"]
+    else:
+        assert any("JAXopt skipped" in note for note in tta["notes"])
+    png = out / "time_to_accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Time to accuracy (logistic)" in stdout
+
+
+def test_warm_start_counts_add_up(quick_run):
+    _, results, stdout = quick_run
+    warm = results["warm"]
+    for key in ("hpo", "hpo_small_steps", "meta"):
+        run = warm[key]
+        assert run["cold_total"] == sum(run["cold"]) and run["warm_total"] == sum(run["warm"])
+        assert len(run["cold"]) == len(run["warm"]) == run["steps"]
+        # The first outer step has nothing to start from: warm and cold are the same solve.
+        assert run["warm"][0] == run["cold"][0] > 0
+        assert run["ratio"] == pytest.approx(run["cold_total"] / run["warm_total"])
+    assert "Warm starts: products to a 1e-6 hypergradient" in stdout
+
+
+def _bench_module(name):
+    sys.path[:0] = [str(ROOT / "benchmarks")]
+    try:
+        return __import__(name)
+    finally:
+        del sys.path[0]
+
+
+def test_products_to_tolerance_is_the_smallest_budget_found():
+    """The search returns a budget that meets the tolerance while one product fewer does not,
+    and a warm start at the solution costs only its initial residual."""
+    import torch
+
+    bench_warm = _bench_module("bench_warm")
+    gen = torch.Generator().manual_seed(0)
+    n = 40
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    a = q @ torch.diag(torch.logspace(0, 3, n, dtype=torch.float64)) @ q.T
+    c = torch.randn(n, dtype=torch.float64, generator=gen)
+    d = torch.randn(n, dtype=torch.float64, generator=gen)
+
+    def objective(x, theta):
+        return 0.5 * x @ a @ x - (theta * x).sum()
+
+    system = bench_warm.System(objective, lambda x: (c * x).sum() + 0.5 * (x * x).sum(), d,
+                               torch.zeros(n, dtype=torch.float64))
+    # ∇ₓf = A x − θ, so the hypergradient is A⁻¹ ∇ₓL, by a dense solve independent of the search.
+    expected = torch.linalg.solve(a, c + d)
+    assert torch.allclose(system.reference, expected, rtol=1e-10, atol=0)
+    products, u = system.products_to(1e-6, None)
+    assert system.error(u) <= 1e-6
+    assert system.attempt(products - 1, None)[0] > 1e-6
+    exact_products, _ = system.products_to(1e-6, expected)
+    assert exact_products == 1
+
+
+def test_tta_notes_jax_absent(monkeypatch):
+    bench_tta = _bench_module("bench_tta")
+    monkeypatch.setitem(sys.modules, "jaxopt", None)
+    reason = bench_tta.jax_available()
+    assert reason is not None and "pip install" in reason
