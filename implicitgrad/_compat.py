@@ -13,7 +13,9 @@ fallback takes the differentiable path, which is correct everywhere and only slo
 * :func:`remove_legacy_batch_dim`, :func:`add_legacy_batch_dim`, :func:`legacy_vmap_level`
   (``torch._remove_batch_dim``, ``torch._add_batch_dim``, the vmap-mode nesting level):
   reached only for legacy-batched tensors;
-* ``pytree`` (``torch.utils._pytree``): no fallback, ``torch.func`` itself needs it.
+* ``pytree`` (``torch.utils._pytree``): no fallback, ``torch.func`` itself needs it;
+* :func:`version` (``Tensor._version``, the counter in-place operations increment):
+  without it every tensor counts as new, so its checks are redone on every call.
 """
 
 from __future__ import annotations
@@ -86,3 +88,10 @@ def host_readable(t: torch.Tensor) -> bool:
     """Whether ``t``'s values can be read on the host (``bool()``, ``float()``): not a
     batched or otherwise wrapped tensor, not a meta tensor."""
     return not (is_wrapped(t) or is_legacy_batched(t) or t.is_meta)
+
+
+def version(t: torch.Tensor) -> Optional[int]:
+    """The in-place modification counter of ``t``, ``None`` when it cannot be read: a
+    tensor whose ``(id, version)`` is unchanged still holds the values it held."""
+    v = getattr(t, "_version", None)
+    return v if isinstance(v, int) else None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Callable, List, Optional, Set, Tuple, cast
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import torch
 
@@ -140,8 +140,8 @@ class Condition:
         """``‖F‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64."""
         n = self.batch_ndim
         with torch.no_grad():
-            squares = sum((c.double() ** 2).reshape(*c.shape[:n], -1).sum(-1) for c in F)
-            return torch.sqrt(cast(torch.Tensor, squares))
+            norms = [torch.linalg.vector_norm(c.reshape(*c.shape[:n], -1), dim=-1, dtype=torch.float64) for c in F]
+            return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
     def value_norms(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> torch.Tensor:
         """``‖F(x, θ)‖`` per problem, evaluated without a graph kept."""

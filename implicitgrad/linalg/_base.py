@@ -387,7 +387,7 @@ def run_linear_solver(
     residual is measured (one product) and held to the dtype's default tolerance.
     """
     if isinstance(solver, LinearSolver):
-        if "spec" in inspect.signature(solver.solve).parameters:
+        if _flat_signature(type(solver)):
             # A subclass written against the flat ``solve(matvec, b, x0, batch_ndim, spec)``.
             flat_solve: Any = solver.solve
             return flat_solve(matvec, b, x0=None, batch_ndim=batch_ndim, spec=layout)
@@ -412,6 +412,12 @@ def run_linear_solver(
     infos = [r[1] for r in results]
     worst = max(infos, key=lambda info: (not info.converged, info.residual))
     return x, dataclasses.replace(worst, iterations=sum(info.iterations for info in infos))
+
+
+@functools.cache
+def _flat_signature(cls: type) -> bool:
+    """Whether a solver class implements the older flat ``solve(..., spec)``."""
+    return "spec" in inspect.signature(cls.solve).parameters
 
 
 def _run_callable(solver: Callable, matvec: Matvec, b: Vector, layout: PytreeLayout) -> Tuple[Vector, LinearSolveInfo]:
