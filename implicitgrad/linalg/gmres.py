@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -101,18 +101,19 @@ class GMRES(IterativeSolver):
         threshold, nonfinite, done = system.threshold, system.nonfinite, system.done
         broken = torch.zeros_like(done)
         space = None
+        tiny = torch.finfo(rhs.dtype).tiny
         while True:
-            # One host read per cycle: the measured residuals decide.
-            any_nonfinite, finished = torch.stack([nonfinite.any(), (done | broken | nonfinite).all()]).tolist()
             steps = min(self.restart, self.maxiter - used - 1)
-            if finished or steps < 1:
+            stopped = done | broken | nonfinite
+            # One host read per cycle: the measured residuals decide.
+            if steps < 1 or bool(stopped.all()):
                 break
             if space is None:
                 space = _Space(rhs, min(self.restart, self.maxiter))
-            active = ~(done | broken | nonfinite)
+            active = ~stopped
             # A finished system enters the cycle with a zero residual: it takes no step.
-            beta = torch.where(active, r_norm, torch.zeros_like(r_norm))
-            limit = torch.where(active, threshold.clamp_min(torch.finfo(rhs.dtype).tiny), torch.ones_like(threshold))
+            beta = torch.where(active, r_norm, 0.0)
+            limit = torch.where(active, threshold.clamp_min(tiny), 1.0)
             update, taken, invariant = _cycle(op, torch.where(active[:, None], r, 0.0), beta, limit, active,
                                               steps, every, space)
             used += taken + 1
@@ -189,13 +190,13 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, space: _Space):
     # rows[j] is row j of the product of the rotations met before step j (zero beyond
     # entry j); its dot with column j of the Hessenberg matrix is the entry the next
     # rotation acts on. The residual after j steps is β |rows[j][0]| = β ∏ sines.
-    rows = [space.units[0]]
-    subdiagonal, cosines, sines = [], [], []
-    # ‖r‖ / (tol ‖b‖) for the active systems (1: converged), 0 for the others: the checks
-    # read only active systems (a finished one may carry NaN it no longer uses).
-    estimate = torch.where(active, beta / limit, 0.0).unsqueeze(1)
+    rows = [space.first_row]
+    subdiagonal, cosines, sines, estimates = [], [], [], []
+    # ‖r‖ / (tol ‖b‖) for the active systems (1: converged), 0 for the others (β = 0): the
+    # checks read only active systems (a finished one may carry NaN it no longer uses).
+    estimate = (beta / limit).unsqueeze(1)
     for j in range(steps):
-        known, known_t, column = space.known[j], space.known_t[j], space.columns[j]
+        known, known_t, column, hess_row, new_row, minus_unit = space.views(j)
         # Classical Gram-Schmidt twice: two block products with the basis per pass; the
         # coefficients accumulate in column j of the Hessenberg matrix (row j of hess).
         w = op(vector).unsqueeze(1)
@@ -206,24 +207,25 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, space: _Space):
         column.add_(again)
         w_norm = torch.linalg.vector_norm(w, dim=2).add_(tiny)
         vector = w.squeeze(1) / w_norm
-        space.rows[j + 1].copy_(vector)
+        new_row.copy_(vector)
         # The reflection [[c, s], [s, −c]] maps (row · column, ‖w‖) to (‖·‖, 0); the
         # Hessenberg row is zero beyond the column's end, so the full-length dot is exact.
         row = rows[j]
-        diagonal = torch.linalg.vecdot(row, space.hess_rows[j]).unsqueeze(1)
+        diagonal = torch.linalg.vecdot(row, hess_row).unsqueeze(1)
         radius = torch.hypot(diagonal, w_norm)
         cosine, sine = diagonal / radius, w_norm / radius
-        rows.append(torch.addcmul(row * sine, cosine, space.minus_units[j + 1]))
+        rows.append(torch.addcmul(row * sine, cosine, minus_unit))
         subdiagonal.append(w_norm)
         cosines.append(cosine)
         sines.append(sine)
         estimate = estimate * sine
+        estimates.append(estimate)
         if (j + 1) % every == 0:
             # NaN fails the comparison and ends the cycle: the measured residual reports it.
             if not float(estimate if space.single else estimate.max()) > 1.0:
                 break
     k = len(sines)
-    cosine, sine, below = (torch.cat(parts, dim=1) for parts in (cosines, sines, subdiagonal))
+    cosine, sine, below, reached = (torch.cat(parts, dim=1) for parts in (cosines, sines, subdiagonal, estimates))
     products = torch.stack(rows, dim=1)[:, :, : k + 1]
     # Row j of the product of all rotations is (c_j · rows[j], s_j) on its first j + 2
     # entries; times the Hessenberg matrix it gives the triangular factor R.
@@ -233,7 +235,6 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, space: _Space):
     hess_t.diagonal(offset=1, dim1=1, dim2=2).copy_(below)
     upper = torch.bmm(omega, hess_t.mT)
     g = beta[:, None] * omega[:, :, 0]
-    reached = products[:, 1:, 0].abs() * torch.where(active, beta / limit, 0.0)[:, None] <= 1.0
     # Relative to ‖A v_j‖ (the norm of column j of the Hessenberg matrix): a new basis
     # vector that vanishes means the Krylov space is invariant; a pivot of R that
     # vanishes means A is singular on it, and the directions from there on are dropped
@@ -241,38 +242,38 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, space: _Space):
     floor = 100 * torch.finfo(dtype).eps * torch.linalg.vector_norm(hess_t, dim=2) + 2 * tiny
     degenerate = upper.diagonal(dim1=1, dim2=2).abs() <= floor
     invariant = ((below <= floor) | degenerate).any(dim=1)
-    # Each system keeps the steps up to the first that met its tolerance.
-    useful = torch.minimum(_first(reached, k) + 1, _first(degenerate, k))
-    keep = space.index[:k] < useful[:, None]
+    # Each system keeps the steps up to the first that met its tolerance, and those before
+    # the first degenerate pivot.
+    stop = torch.nn.functional.pad(reached[:, :-1] <= 1.0, (1, 0)) | degenerate
+    keep = stop.cumsum(dim=1) == 0
     upper = torch.where(keep[:, :, None] & keep[:, None, :], upper, space.identity[:k, :k])
     g = torch.where(keep, g, 0.0)
     y = torch.linalg.solve_triangular(upper, g.unsqueeze(2), upper=True)
-    update = torch.bmm(y.mT, space.known[k - 1]).squeeze(1)
+    update = torch.bmm(y.mT, space.views(k - 1)[0]).squeeze(1)
     return update, k, invariant
 
 
 class _Space:
     """What every cycle of one solve writes into: the Krylov basis ``(systems, m + 1, n)``
-    and the Hessenberg matrix (row ``j`` holds column ``j``), with the views of them each
-    step uses made once, and small constant tensors."""
+    and the Hessenberg matrix (row ``j`` holds column ``j``); the views step ``j`` works on
+    are made at its first use and kept for the later cycles."""
 
     def __init__(self, rhs: torch.Tensor, size: int) -> None:
         systems, n = rhs.shape
         self.single = systems == 1
         self.basis = rhs.new_empty(systems, size + 1, n)
         self.hess = rhs.new_zeros(systems, size, size + 1)
-        self.rows = self.basis.unbind(1)
-        self.hess_rows = self.hess.unbind(1)
-        self.known = [self.basis[:, : j + 1] for j in range(size)]
-        self.known_t = [v.mT for v in self.known]
-        self.columns = [self.hess[:, j : j + 1, : j + 1] for j in range(size)]
         self.identity = torch.eye(size + 1, dtype=rhs.dtype, device=rhs.device)
-        self.units = self.identity.expand(systems, -1, -1).unbind(1)
-        self.minus_units = (-self.identity).unbind(0)
-        self.index = torch.arange(size + 1, device=rhs.device)
+        self.first_row = self.identity[0].expand(systems, -1)
+        self.minus_identity = -self.identity
+        self._views: List[Tuple[torch.Tensor, ...]] = []
 
-
-def _first(flags: torch.Tensor, default: int) -> torch.Tensor:
-    """Per row, the index of the first ``True`` (``default`` when there is none)."""
-    return torch.where(flags.any(dim=1), flags.to(torch.int64).argmax(dim=1), default)
-
+    def views(self, j: int) -> Tuple[torch.Tensor, ...]:
+        """Step ``j``'s basis so far, its transpose, its Hessenberg coefficients (as a
+        ``(systems, 1, j + 1)`` view and as the full row), the basis vector it writes, and
+        minus the unit vector ``e_{j+1}``."""
+        if j == len(self._views):
+            known = self.basis[:, : j + 1]
+            self._views.append((known, known.mT, self.hess[:, j : j + 1, : j + 1], self.hess[:, j],
+                                self.basis[:, j + 1], self.minus_identity[j + 1]))
+        return self._views[j]
