@@ -337,6 +337,41 @@ def jaxopt_comparison(sizes, reps: int, warmup: int, jax_ok: bool, say: Callable
     out.update(summarize(times, pairs))
     out["times_s"] = times
     out["cpu_per_wall"] = {impl.name: cpu_per_wall(impl) for impl in impls}
+    out["profile"] = profile([impl for impl in impls if impl.name.endswith("call") and "JAXopt" not in impl.name])
+    return out
+
+
+def profile(impls: Sequence[Impl], runs: int = 5, top: int = 12) -> Dict[str, str]:
+    """Where the time of each torch call goes: operators by self CPU time over ``runs`` calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    texts = {}
+    for impl in impls:
+        states = [impl.setup() for _ in range(runs)]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for state in states:
+                impl.run(state)
+        texts[f"{impl.name}: torch operators ({runs} calls)"] = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=top)
+    return texts
+
+
+def cost_model(curves: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, float]]:
+    """Least-squares ``time = fixed + per_product · products`` of each method over the grid.
+
+    Splits a gap between two methods into a per-call part (forward, checks, dispatch) and a
+    per-product part (the Hessian-vector product and the CG update around it).
+    """
+    out = {}
+    for name, row in curves.items():
+        p = torch.tensor(row["products"], dtype=torch.float64)
+        t = torch.tensor(row["median_s"], dtype=torch.float64)
+        if len(p) < 2:
+            continue
+        design = torch.stack([torch.ones_like(p), p], dim=1)
+        fixed, per_product = torch.linalg.lstsq(design, t.unsqueeze(1)).solution.squeeze(1).tolist()
+        out[name] = {"fixed_s": fixed, "per_product_s": per_product}
     return out
 
 
@@ -384,6 +419,7 @@ def worker(args) -> Dict[str, Any]:
     grid = QUICK_GRID if args.quick else GRID
     results["grid"] = list(grid)
     results["curves"] = time_to_accuracy(points, grid, sizes, args.reps, args.warmup, jax_ok, say)
+    results["cost_model"] = cost_model(results["curves"])
     return results
 
 
@@ -396,6 +432,7 @@ def plot(results: Dict[str, Any], path: Path) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, row) in enumerate(results["curves"].items()):
@@ -405,7 +442,10 @@ def plot(results: Dict[str, Any], path: Path) -> str:
     axes[0].set_xlabel("whole call, wall time (ms, median)")
     axes[1].set_xlabel("Hessian-vector products")
     for ax in axes:
-        ax.set_ylabel("relative error of the hypergradient")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylabel("relative error of the hypergradient (float64 reference)")
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{results['problem']}: time to accuracy (K = {', '.join(map(str, results['grid']))})")
     fig.tight_layout()

@@ -363,7 +363,10 @@ def _tta_tables(tta: Dict[str, Any], reps: int) -> Dict[str, Dict[str, Any]]:
         "notes": [f"{tta['problem']}; each cell: relative error of the hypergradient against the float64 dense "
                   "solve · median whole-call time · Hessian-vector products. Measured at the last point of "
                   f"{tta['trajectory']['steps']} sign-gradient outer steps of {tta['trajectory']['step']} on θ; the "
-                  "warm start carries the solution of the previous step (same K). Plot: time_to_accuracy.png."]}
+                  "warm start carries the solution of the previous step (same K). Plot: time_to_accuracy.png.",
+                  "Least-squares cost model over the grid, time = fixed + per product × products: "
+                  + "; ".join(f"{name} {1e3 * m['fixed_s']:.2f} ms + {1e3 * m['per_product_s']:.3f} ms"
+                              for name, m in tta.get("cost_model", {}).items()) + "."]}
     return tables
 
 
@@ -552,6 +555,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for case in results.get("backward", {}).get("cases", {}).values():
         for title, profile_text in case.get("profile", {}).items():
             print(f"--- profile: {case['description']}: {title}\n{profile_text}")
+    for title, profile_text in results.get("tta", {}).get("jaxopt", {}).get("profile", {}).items():
+        print(f"--- profile (JAXopt comparison): {title}\n{profile_text}")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1, default=str))
     say(f"wrote {json_path}, {out / 'benchmarks.md'}, {out / 'tables.rst'}, " + ", ".join(results["plots"]))
