@@ -8,6 +8,7 @@ from . import distributed, linalg, meta, nn, projections, prox, qp, solvers, tes
 from ._api import fixed_point_solve, implicit, implicit_solve, root_solve
 from ._diagnostics import ConvergenceError, ImplicitGradWarning, LinearSolveInfo, SolveInfo
 from ._moved import FormerPaths
+from ._warm import WarmStart
 from .linalg import CG, CGNR, GMRES, MINRES, BiCGStab, Exact, LinearSolver, Neumann, Status
 from .qp import QPInfo, qp_solve
 
@@ -60,4 +61,5 @@ __all__ = [
     "solvers",
     "testing",
     "training",
+    "WarmStart",
 ]

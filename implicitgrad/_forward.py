@@ -23,6 +23,7 @@ class Options:
     linear_solver: Any
     on_failure: str = "warn"
     forward_tol: Optional[float] = None
+    warm_start: Any = None  # a WarmStart, or None
 
 
 

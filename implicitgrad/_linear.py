@@ -47,11 +47,16 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
     # A solver that needs products with Aᵀ as well (ig.CGNR) receives the other product.
     needs_other = getattr(options.linear_solver, "needs_transpose", False)
     other = (lin.matvec if transpose else lin.rmatvec) if needs_other else None
+    warm, kind = options.warm_start, "backward" if transpose else "forward"
+    init = warm.initial_guess(kind, b) if warm is not None and warm.usable(b) else None
     with product_precision(dtype), transposed_product(other):
         if not cond.symmetric and getattr(options.linear_solver, "symmetric", False):
             _check_symmetric(cond, options, op, b)
-        solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout)
-    solution = [t.to(dtype) for t in propagate_nonfinite(op, b, solution, info, n)]
+        solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout, init=init)
+    solution = propagate_nonfinite(op, b, solution, info, n)
+    if warm is not None:
+        warm.store(kind, solution)
+    solution = [t.to(dtype) for t in solution]
     sink.record(info)
     worse_than_zero = info.residual > 1
     if not info.converged or worse_than_zero:

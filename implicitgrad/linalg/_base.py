@@ -376,7 +376,8 @@ def propagate_nonfinite(
 
 
 def run_linear_solver(
-    solver: Any, matvec: Matvec, b: Vector, *, batch_ndim: int, layout: PytreeLayout
+    solver: Any, matvec: Matvec, b: Vector, *, batch_ndim: int, layout: PytreeLayout,
+    init: Optional[Vector] = None,
 ) -> Tuple[Vector, LinearSolveInfo]:
     """Any accepted linear solver on flat leaves: an :class:`LinearSolver`, or a plain
     callable ``solver(matvec, b) -> x`` or ``-> (x, info)`` on pytrees shaped like ``b``.
@@ -385,13 +386,15 @@ def run_linear_solver(
     called once per system, on that system's block of ``A`` (one product of the batched
     ``matvec`` per product it asks for). When it returns ``x`` alone, its relative
     residual is measured (one product) and held to the dtype's default tolerance.
+    ``init``, the initial guess, goes to a :class:`LinearSolver`; a plain callable starts
+    where it chooses.
     """
     if isinstance(solver, LinearSolver):
         if _flat_signature(type(solver)):
             # A subclass written against the flat ``solve(matvec, b, x0, batch_ndim, spec)``.
             flat_solve: Any = solver.solve
-            return flat_solve(matvec, b, x0=None, batch_ndim=batch_ndim, spec=layout)
-        return solver.solve_leaves(matvec, b, batch_ndim=batch_ndim, layout=layout)
+            return flat_solve(matvec, b, x0=init, batch_ndim=batch_ndim, spec=layout)
+        return solver.solve_leaves(matvec, b, init=init, batch_ndim=batch_ndim, layout=layout)
     if batch_ndim == 0:
         return _run_callable(solver, matvec, b, layout)
     batch = b[0].shape[:batch_ndim]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._api import implicit_solve
+from .._compat import is_wrapped, version
 from .._defaults import forward_tol as default_forward_tol
 from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure, user_stacklevel
 from .._validation import check_linear_solver
+from .._warm import WarmStart
 from ..linalg import CG
 from ..linalg._base import LinearSolverLike
 from ..solvers import LBFGS
@@ -123,6 +127,12 @@ class IMAML(MetaLearner):
             the adaptation every this many meta-steps (needs an unrollable inner solver);
             ``None``: never.
         batched, all_reduce, process_group: see :class:`MetaLearner`.
+        warm_start: start each task's backward solve from that task's previous solution
+            (opt in), for a fixed pool of tasks met again over meta-training: a task is
+            recognised by its support inputs (the same tensor, not modified in place), a
+            vmapped meta-batch by all of them. Same meta-gradient, fewer CG products as the
+            meta-parameters move slowly; tasks drawn anew each step gain nothing. The
+            solutions of the last :attr:`WARM_TASKS` tasks are kept.
 
     Attributes:
         log_lam: dict parameter name → log-λ tensor (same shape as the parameter), only
@@ -175,8 +185,16 @@ class IMAML(MetaLearner):
         batched: Optional[bool] = None,
         all_reduce: bool = True,
         process_group: Any = None,
+        warm_start: bool = False,
     ) -> None:
         super().__init__(model, loss_fn, batched=batched, all_reduce=all_reduce, process_group=process_group)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"IMAML: warm_start must be True or False, got {warm_start!r}.")
+        self.warm_start = warm_start
+        # One WarmStart per task (or per vmapped meta-batch) met again, keyed by the identity
+        # and in-place version of its support inputs; the least recently used are dropped.
+        self._warm: collections.OrderedDict[Any, Tuple[List[weakref.ref], WarmStart]] = collections.OrderedDict()
+        self._task_keys: List[Any] = []
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"IMAML: lam must be a positive number, got {lam!r}.")
         if not (inner_solver == "auto" if isinstance(inner_solver, str) else callable(inner_solver)):
@@ -227,7 +245,12 @@ class IMAML(MetaLearner):
     # ------------------------------------------------------------------ public
     def meta_gradient(self, tasks) -> Tuple[Params, Tensor]:
         self._infos = []
-        out = super().meta_gradient(tasks)
+        if self.warm_start:
+            self._task_keys = [task[0] for task in _check_tasks(tasks, "IMAML")]
+        try:
+            out = super().meta_gradient(tasks)
+        finally:
+            self._task_keys = []
         self._count_inner()
         self._report(backward=True)
         self.meta_steps += 1
@@ -374,10 +397,33 @@ class IMAML(MetaLearner):
             self._objective(context), phi0, theta, self._log_lam(meta), x_s, y_s,
             solver=self._inner_solver(dtype), linear_solver=self.linear_solver, on_failure=core_on_failure,
             forward_tol=self._forward_tol(dtype), return_info=True, mode=mode,
+            warm_start=self._warm_for(x_s) if record and mode == "implicit" else None,
         )
         if record:
             self._infos.append(info)
         return phi
+
+    #: Tasks (or vmapped meta-batches) whose backward solutions ``warm_start`` keeps.
+    WARM_TASKS = 1024
+
+    def _warm_for(self, x_s: Tensor) -> Optional[WarmStart]:
+        """The WarmStart of the task being solved during a meta-gradient with ``warm_start``:
+        the next task of the meta-batch, or the whole batch under vmap."""
+        if not self._task_keys:
+            return None
+        if is_wrapped(x_s):  # the vmapped meta-batch: one solve for all its tasks
+            inputs, self._task_keys = list(self._task_keys), []
+        else:
+            inputs, self._task_keys = [self._task_keys[0]], self._task_keys[1:]
+        key = tuple((id(t), version(t)) for t in inputs)
+        entry = self._warm.get(key)
+        if entry is None or any(ref() is not t for ref, t in zip(entry[0], inputs)):
+            entry = ([weakref.ref(t) for t in inputs], WarmStart())
+            self._warm[key] = entry
+        self._warm.move_to_end(key)
+        while len(self._warm) > self.WARM_TASKS:
+            self._warm.popitem(last=False)
+        return entry[1]
 
     def _adapt(self, meta, context, x_s, y_s) -> Params:
         return self._solve(meta, context, x_s, y_s)

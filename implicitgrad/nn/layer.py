@@ -9,7 +9,9 @@ from torch import nn
 
 from .._api import implicit_solve, root_solve
 from .._diagnostics import SolveInfo
+from .._tree import tree_flatten, tree_unflatten
 from .._validation import check_forward_tol, check_linear_solver, check_on_failure
+from .._warm import WarmStart
 from ..linalg._base import LinearSolverLike
 
 # The override points a subclass may implement, each with the core entry point that solves it.
@@ -60,9 +62,16 @@ class ImplicitLayer(nn.Module):
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` (see
             :func:`~implicitgrad.implicit_solve`).
         forward_tol: accepted relative forward residual (``None``: dtype default).
+        warm_start: reuse the previous call's solutions (opt in): the inner solver starts
+            from the previous ``x*`` when it has the shapes of :meth:`init`'s ``x0``, and
+            the backward linear solve from the previous backward solution (one
+            :class:`~implicitgrad.WarmStart` per layer). Useful when consecutive calls solve
+            nearby problems (the same inputs while the parameters train); the gradients
+            are the same, the iterations fewer. Reset with :meth:`reset_warm_start`.
 
     Attributes:
         solver, linear_solver, on_failure, forward_tol: as given; may be reassigned.
+        warm: the layer's :class:`~implicitgrad.WarmStart` (``None`` without ``warm_start``).
         last_info: the :class:`~implicitgrad.SolveInfo` of the most recent forward call
             (its ``backward`` field is filled in by the backward pass), ``None`` before.
 
@@ -96,6 +105,7 @@ class ImplicitLayer(nn.Module):
         linear_solver: Optional[LinearSolverLike] = None,
         on_failure: str = "warn",
         forward_tol: Optional[float] = None,
+        warm_start: bool = False,
     ) -> None:
         super().__init__()
         cls = type(self)
@@ -122,7 +132,17 @@ class ImplicitLayer(nn.Module):
         self.linear_solver = linear_solver
         self.on_failure = on_failure
         self.forward_tol = forward_tol
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"{cls.__name__}: warm_start must be True or False, got {warm_start!r}.")
+        self.warm: Optional[WarmStart] = WarmStart() if warm_start else None
+        self._last_x: Any = None
         self.last_info: Optional[SolveInfo] = None
+
+    def reset_warm_start(self) -> None:
+        """Forget the solutions a ``warm_start`` layer reuses (e.g. when the data change)."""
+        self._last_x = None
+        if self.warm is not None:
+            self.warm.reset()
 
     # ------------------------------------------------------------------ override points
     def prepare(self, *inputs: Any) -> Tuple[Any, ...]:
@@ -170,11 +190,16 @@ class ImplicitLayer(nn.Module):
         inputs = tuple(self.prepare(*inputs))
         params: Dict[str, torch.Tensor] = dict(self.named_parameters())
         x0 = self.init(inputs)
+        if self.warm is not None and _same_layout(self._last_x, x0):
+            x0 = self._last_x
         solver = self.solver if self.solver is not None else self._closed_form_solver
         x, info = self._core_solve(
             getattr(self, self._condition_method), x0, inputs, params, solver=solver, linear_solver=self.linear_solver,
-            on_failure=self.on_failure, return_info=True, forward_tol=self.forward_tol,
+            on_failure=self.on_failure, return_info=True, forward_tol=self.forward_tol, warm_start=self.warm,
         )
+        if self.warm is not None:
+            leaves, spec = tree_flatten(x)
+            self._last_x = tree_unflatten([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], spec)
         self.last_info = info
         return self.output(x, inputs, params)
 
@@ -182,3 +207,16 @@ class ImplicitLayer(nn.Module):
         solver = "closed_form" if self.solver is None else repr(self.solver)
         linear = "default" if self.linear_solver is None else repr(self.linear_solver)
         return f"solver={solver}, linear_solver={linear}, on_failure={self.on_failure!r}"
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    """Whether two pytrees have one structure and tensor leaves of one shape, dtype and device."""
+    if a is None:
+        return False
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    return sa == sb and all(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        and (x.shape, x.dtype, x.device) == (y.shape, y.dtype, y.device)
+        for x, y in zip(la, lb) if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor)
+    )

@@ -1,0 +1,91 @@
+"""``WarmStart``: initial guesses for the linear solves of repeated implicit solves."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ._compat import host_readable
+
+__all__ = ["WarmStart"]
+
+
+class WarmStart:
+    r"""Starts each linear solve of a repeated implicit solve from the previous solution.
+
+    In a hyperparameter or meta-training loop the backward system
+    :math:`A(x^\star, \theta)^\top u = \partial L / \partial x^\star` changes little from one
+    outer step to the next, so the previous step's :math:`u` is a better initial guess than
+    0. Pass the same ``WarmStart`` to the calls that solve the same problem again
+    (``ig.implicit_solve(..., warm_start=ws)``): each linear solve starts from the solution
+    the previous solve of the same kind (backward or forward mode) stored, when it has the
+    same shapes, dtypes and devices, and stores its own.
+
+    An iterative solver stops at the same tolerance, relative to ``‖b‖``, whatever its start:
+    from a start close to the solution it gets there in fewer products
+    (``info.backward.iterations`` counts them), and from a poor start it is no less
+    accurate. :class:`~implicitgrad.Exact` ignores the start, and a plain-callable
+    ``linear_solver`` chooses its own. Solutions with NaN/Inf are not stored. A batch of
+    problems under ``torch.func.vmap`` warm-starts as a whole when the batch repeats.
+
+    Keep one ``WarmStart`` per problem that repeats (per task of a fixed task pool, per
+    layer): a solution of another problem is a valid start but rarely a good one.
+
+    Attributes:
+        hits: solves that started from a stored solution.
+        misses: solves that found none (first call, or another shape) and started from 0.
+
+    Example:
+        >>> import torch, implicitgrad as ig
+        >>> X = torch.randn(30, 4, dtype=torch.float64); y = torch.randn(30, dtype=torch.float64)
+        >>> ridge = lambda w, lam: 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+        >>> solve = lambda f, w0, lam: torch.linalg.solve(X.T @ X + lam * torch.eye(4, dtype=X.dtype), X.T @ y)
+        >>> ws, lam = ig.WarmStart(), torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> for step in range(3):
+        ...     w = ig.implicit_solve(ridge, torch.zeros(4, dtype=torch.float64), lam, solver=solve, warm_start=ws)
+        ...     (w ** 2).sum().backward()
+        >>> ws.hits, ws.misses
+        (2, 1)
+    """
+
+    def __init__(self) -> None:
+        self._stored: Dict[str, List[torch.Tensor]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return f"WarmStart(hits={self.hits}, misses={self.misses}, stored={sorted(self._stored)})"
+
+    def reset(self) -> None:
+        """Forget the stored solutions (the counters stay)."""
+        self._stored.clear()
+
+    def initial_guess(self, kind: str, b: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """The stored solution of the solves of ``kind`` if it fits ``b``'s leaves, else ``None``."""
+        stored = self._stored.get(kind)
+        fits = stored is not None and len(stored) == len(b) and all(
+            s.shape == t.shape and s.dtype == t.dtype and s.device == t.device for s, t in zip(stored, b)
+        )
+        if fits:
+            self.hits += 1
+            return list(stored)  # type: ignore[arg-type]
+        self.misses += 1
+        return None
+
+    def store(self, kind: str, x: Sequence[torch.Tensor]) -> None:
+        """Keep ``x`` (detached) as the next start of the solves of ``kind``; non-finite
+        solutions and tensors wrapped by a ``torch.func`` transform are not kept."""
+        if not all(host_readable(t) for t in x):
+            return
+        x = [t.detach() for t in x]
+        total = sum(t.sum() for t in x if t.numel())
+        if isinstance(total, torch.Tensor) and not bool(torch.isfinite(total)):
+            self._stored.pop(kind, None)
+            return
+        self._stored[kind] = x
+
+    @staticmethod
+    def usable(b: Sequence[torch.Tensor]) -> bool:
+        """Whether the solve of ``b`` can take a stored start (plain tensors, not wrapped)."""
+        return all(host_readable(t) for t in b)
