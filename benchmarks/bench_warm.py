@@ -23,6 +23,7 @@ solution found at that smallest budget (what a solve stopping at the target woul
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import sys
@@ -40,6 +41,7 @@ TARGET_RATIO = 2.0  # the issue's target: warm starts need at least 2x fewer pro
 DENSE_MAX = 1000
 TINY_TOL = 1e-30
 KMAX = 4096
+LIBRARY_TOL = 1e-8  # relative residual of the library-path CG solves
 
 
 class Counter:
@@ -152,6 +154,43 @@ def count_step(system: System, warm: Optional[torch.Tensor], tol: float) -> Dict
     return {"cold": cold, "warm": warm_products, "start_distance": distance, "kept": kept.detach()}
 
 
+class LibraryPath:
+    """The same outer steps through ``ig.implicit_solve`` with ``ig.CG(tol=LIBRARY_TOL)``:
+    cold, and with one ``ig.WarmStart`` carried along (one per task). Products are the
+    library's own count (``info.backward.iterations``) plus one for a warm start's initial
+    residual; errors are against the same reference."""
+
+    def __init__(self) -> None:
+        self.ws = ig.WarmStart()
+        self.products = {"cold": 0, "warm": 0}
+        self.max_error = {"cold": 0.0, "warm": 0.0}
+
+    def step(self, system: System, objective: Callable, outer: Callable) -> None:
+        x_star = system.x.detach()
+        for kind, ws in (("cold", None), ("warm", self.ws)):
+            hits = self.ws.hits
+            theta = system.theta.detach().clone().requires_grad_(True)
+            x, info = ig.implicit_solve(objective, x_star, theta, solver=lambda _f, _x0, *_p: x_star,
+                                        linear_solver=ig.CG(maxiter=KMAX, tol=LIBRARY_TOL), warm_start=ws,
+                                        return_info=True)
+            (grad,) = torch.autograd.grad(outer(x), theta)
+            self.products[kind] += info.backward.iterations + int(self.ws.hits > hits)
+            error = float((grad - system.reference).norm() / system.reference.norm())
+            self.max_error[kind] = max(self.max_error[kind], error)
+
+    @staticmethod
+    def summary(paths: List[LibraryPath]) -> Dict[str, Any]:
+        cold = sum(p.products["cold"] for p in paths)
+        warm = sum(p.products["warm"] for p in paths)
+        return {"tol": LIBRARY_TOL, "cold_total": cold, "warm_total": warm, "ratio": cold / warm,
+                "max_error_cold": max(p.max_error["cold"] for p in paths),
+                "max_error_warm": max(p.max_error["warm"] for p in paths)}
+
+
+def warm_start_supported() -> bool:
+    return hasattr(ig, "WarmStart") and "warm_start" in inspect.signature(ig.implicit_solve).parameters
+
+
 def totals(per_step: List[Dict[str, int]]) -> Dict[str, Any]:
     cold = sum(s["cold"] for s in per_step)
     warm = sum(s["warm"] for s in per_step)
@@ -218,10 +257,13 @@ def hpo_run(steps: int, lr: float = 0.1, seed: int = 0, tol: float = TARGET_ERRO
     theta = theta.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     per_step, warm = [], None
+    library = LibraryPath() if warm_start_supported() else None
     for step in range(steps):
         x = solve(theta, x)
         system = System(objective, outer, x, theta)
         counts = count_step(system, warm, tol)
+        if library is not None:
+            library.step(system, objective, outer)
         warm = counts.pop("kept")
         counts["start_distance"] = [counts["start_distance"]]
         per_step.append(counts)
@@ -232,7 +274,7 @@ def hpo_run(steps: int, lr: float = 0.1, seed: int = 0, tol: float = TARGET_ERRO
             progress(f"warm: HPO (lr {lr:g}) step {step + 1}/{steps}, products cold {counts['cold']}, "
                      f"warm {counts['warm']}")
     return {"description": f"{description}, Adam (lr {lr:g}) on log λ", "steps": steps, "lr": lr,
-            **totals(per_step)}
+            **totals(per_step), "library": None if library is None else LibraryPath.summary([library])}
 
 
 # ---------------------------------------------------------------------------- meta-training
@@ -248,6 +290,7 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
     theta = flat(theta_dict).requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=1e-2)
     warm: List[Optional[torch.Tensor]] = [None] * tasks
+    libraries = [LibraryPath() for _ in range(tasks)] if warm_start_supported() else None
     phis = [None] * tasks
     per_step = []
     for step in range(steps):
@@ -274,6 +317,8 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
 
             system = System(objective, outer, phi, theta)
             task_counts = count_step(system, warm[i], tol)
+            if libraries is not None:
+                libraries[i].step(system, objective, outer)
             warm[i] = task_counts.pop("kept")
             counts["cold"] += task_counts["cold"]
             counts["warm"] += task_counts["warm"]
@@ -288,7 +333,8 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
     n_params = theta.numel()
     description = (f"iMAML, MLP {'-'.join(map(str, sizes))} ({n_params} parameters), pool of {tasks} "
                    f"{sizes[-1]}-way {shots}-shot tasks (all in every meta-batch), λ = {lam}, Adam (lr 0.01)")
-    return {"description": description, "steps": steps, "tasks": tasks, **totals(per_step)}
+    return {"description": description, "steps": steps, "tasks": tasks, **totals(per_step),
+            "library": None if libraries is None else LibraryPath.summary(libraries)}
 
 
 def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable] = None) -> Dict[str, Any]:

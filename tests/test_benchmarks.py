@@ -181,6 +181,11 @@ def test_warm_start_counts_add_up(quick_run):
         # The first outer step has nothing to start from: warm and cold are the same solve.
         assert run["warm"][0] == run["cold"][0] > 0
         assert run["ratio"] == pytest.approx(run["cold_total"] / run["warm_total"])
+        library = run["library"]
+        if library is not None:
+            # Warm-started or not, a solve to the same tolerance gives the same hypergradient.
+            assert library["max_error_cold"] < 1e-6 and library["max_error_warm"] < 1e-6
+            assert library["cold_total"] > 0 and library["warm_total"] > 0
     assert "Warm starts: products to a 1e-6 hypergradient" in stdout
 
 
