@@ -329,6 +329,8 @@ def jaxopt_comparison(sizes, reps: int, warmup: int, jax_ok: bool, say: Callable
         impls.append(Impl("implicitgrad compiled call", compiled.setup_params, compiled.run_ig_call))
     if jax_ok:
         impls += jax_impls(case, JAX_K)
+    for impl in impls:  # compiles (jit, torch.compile) before any round, whatever ``warmup`` is
+        impl.run(impl.setup())
     say("JAXopt comparison: timing")
     times = interleaved(impls, reps=reps, warmup=warmup, device=cpu)
     names = [impl.name for impl in impls]
