@@ -27,6 +27,7 @@ from ._compat import (
     legacy_vmap_level,
     remove_legacy_batch_dim,
 )
+from ._compiled import compiled_root_vjp, uses_compiled_backward
 from ._diagnostics import SolveInfo, report
 from ._forward import Options, run_forward
 from ._linear import solve_linear
@@ -157,6 +158,9 @@ class ImplicitSolve(torch.autograd.Function):
             v = _guard_cotangent(cond, options, ctx.bad, v)
             # First order: one graph of F serves every product and the final VJP.
             differentiable = torch.is_grad_enabled() or _wrapped(x + p + v)
+            if not differentiable and uses_compiled_backward(cond, options.linear_solver):
+                grads = compiled_root_vjp(cond, options, ctx.sink, x, p, v, p_needs)
+                return (None,) * (5 + nx) + tuple(grads)
             solve = _solver(cond, options, ctx.sink, x, p, differentiable)
             reuse = lin if lin is not None and not differentiable and lin.serves(p_needs) else None
             grads = root_vjp(cond, x, p, v, p_needs, solve, differentiable, lin=reuse)

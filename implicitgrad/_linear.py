@@ -13,7 +13,7 @@ from typing import Callable, List
 import torch
 
 from ._compat import host_readable
-from ._diagnostics import SolveInfo, report
+from ._diagnostics import LinearSolveInfo, SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
 from .linalg._base import PytreeLayout, dot, norm, product_precision, propagate_nonfinite, run_linear_solver
@@ -57,6 +57,13 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
     if warm is not None:
         warm.store(kind, solution)
     solution = [t.to(dtype) for t in solution]
+    record_outcome(cond, options, sink, info, transpose)
+    return solution
+
+
+def record_outcome(cond: Condition, options: Options, sink: SolveInfo, info: LinearSolveInfo,
+                   transpose: bool) -> None:
+    """Record a linear solve's info in ``sink`` and report a failed or useless solve."""
     sink.record(info)
     worse_than_zero = info.residual > 1
     if not info.converged or worse_than_zero:
@@ -84,7 +91,6 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
             + (f" {fits}" if not info.converged else ""),
             options.on_failure,
         )
-    return solution
 
 
 def _check_symmetric(cond: Condition, options: Options, op: Callable, b: List[torch.Tensor]) -> None:

@@ -301,15 +301,15 @@ class ManyProblems:
         return torch.stack(grads)
 
 
-def fixed_iteration_problem(device, dtype=torch.float64, n: int = 50, d: int = 10):
+def fixed_iteration_problem(device, dtype=torch.float64, n: int = 50, d: int = 10, compile=False):
     """A hypergradient with a fixed amount of work: 20 gradient-descent steps forward, 10 CG
     iterations backward, diagnostics off. Returns ``step(log_lam) -> gradient`` and a
-    starting ``log_lam`` (per-feature, ``d`` entries)."""
+    starting ``log_lam`` (per-feature, ``d`` entries). ``compile``: as ``ig.CG``'s."""
     g = _generator(6)
     X = torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     y = torch.sign(torch.randn(n, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
     solver = ig.solvers.GradientDescent(lr=0.5, maxiter=20, tol=0)
-    linear_solver = ig.CG(maxiter=10, tol=1e-30, check_every=10)
+    linear_solver = ig.CG(maxiter=10, tol=1e-30, check_every=10, compile=compile)
 
     def step(log_lam: torch.Tensor) -> torch.Tensor:
         w = ig.implicit_solve(_logistic, torch.zeros(d, dtype=dtype, device=device), log_lam, X, y,

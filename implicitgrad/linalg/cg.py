@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -13,6 +13,7 @@ from ._base import (
     PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
+    default_tol,
     packing,
     safe_div,
     working_dtype,
@@ -49,6 +50,18 @@ class CG(SymmetricIterativeSolver):
         check_every: iterations between convergence checks. Each check reads a number
             back to the host; on CUDA a larger interval keeps the solve asynchronous.
             ``None``: every iteration on CPU, every 10 elsewhere.
+        compile: inside the backward pass of :func:`~implicitgrad.implicit_solve` (an
+            objective's symmetric Hessian, first-order gradients), run exactly ``maxiter``
+            iterations with no host read and hand the whole hypergradient — the
+            linearisation by ``torch.func.vjp``, the iterations, the parameter VJP — to
+            :func:`torch.compile` as one graph, which fuses the Hessian-vector products with
+            the CG updates. ``True``, or a dict of :func:`torch.compile` arguments (e.g.
+            ``{"mode": "reduce-overhead"}`` to capture it as a CUDA graph). The first call of
+            each layout compiles (seconds to a minute); the objective must be traceable by
+            ``torch.compile`` (``fullgraph``). A system that meets non-positive curvature
+            stops moving and is reported; the reported residual is that of the recursion.
+            Preconditioners are not supported there; other calls (higher order,
+            ``torch.func`` transforms, CG used alone) run the loop below.
 
     The residual of CG is not monotone, and on a matrix that is not positive definite an
     iterate can be worse than the initial guess. CG therefore returns, per system, the
@@ -91,6 +104,31 @@ class CG(SymmetricIterativeSolver):
     #: counted in ``iterations``); in between, the residual follows the recursion
     #: ``r ← r − α A p``, which drifts from the true one over long runs.
     RESIDUAL_EVERY = 50
+
+    def __init__(
+        self,
+        maxiter: int = 100,
+        tol: Optional[float] = None,
+        damping: float = 0.0,
+        preconditioner: Optional[Callable] = None,
+        check_every: Optional[int] = None,
+        compile: Union[bool, Dict[str, Any]] = False,
+    ) -> None:
+        super().__init__(maxiter, tol, damping, preconditioner, check_every)
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"CG: compile must be True, False or a dict of torch.compile arguments, got {compile!r}.")
+        if compile is not False and preconditioner is not None:
+            raise ValueError("CG: compile=... runs plain CG; a preconditioner is not supported with it.")
+        self.compile = compile is not False
+        self.compile_options: Dict[str, Any] = dict(compile) if isinstance(compile, dict) else {}
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text if not self.compile else f"{text[:-1]}, compile={self.compile_options or True})"
+
+    def default_tol(self, dtype: torch.dtype) -> float:
+        """The tolerance used when ``tol`` is ``None``."""
+        return default_tol(dtype)
 
     #: When CG checks every iteration (``check_every=1``, the CPU default) and solves at
     #: most this many systems, the per-system scalars (step sizes, residuals, which systems
