@@ -239,7 +239,7 @@ def backward_iterations(case, **options) -> int:
     return int(info.backward.iterations)
 
 
-def method_impls(cases: Sequence[Any], K: int, jax_ok: bool) -> Dict[str, Any]:
+def method_impls(cases: Sequence[Any], K: int, jax_ok: bool, compiled: bool) -> Dict[str, Any]:
     """Every method at ``K`` at the last point: ``{name: (Impl, error, products)}``."""
     last = cases[-1]
     out: Dict[str, Any] = {}
@@ -258,11 +258,10 @@ def method_impls(cases: Sequence[Any], K: int, jax_ok: bool) -> Dict[str, Any]:
             return last.run_ig_call(state[0], warm_start=state[1])
 
         out["implicitgrad warm"] = (Impl("implicitgrad warm", setup_warm, run_warm), grad, products)
-    if compile_supported():
-        compiled = last.variant(linear=compiled_linear(K))
-        grad = compiled.run_ig_call(compiled.setup_params())[0]
-        out["implicitgrad compiled"] = (Impl("implicitgrad compiled", compiled.setup_params, compiled.run_ig_call),
-                                        grad, K)
+    if compiled:
+        case = last.variant(linear=compiled_linear(K))
+        grad = case.run_ig_call(case.setup_params())[0]  # compiles
+        out["implicitgrad compiled"] = (Impl("implicitgrad compiled", case.setup_params, case.run_ig_call), grad, K)
     if last.torchopt_solver is not None:
         grad = last.run_torchopt_call(last.setup_params())[0]
         out["TorchOpt"] = (Impl("TorchOpt", last.setup_params, last.run_torchopt_call), grad, K + 1)
@@ -288,7 +287,18 @@ def cpu_per_wall(impl, calls: int = 5) -> float:
     return (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
-def time_to_accuracy(points, grid, sizes, reps: int, warmup: int, jax_ok: bool, say: Callable) -> Dict[str, Any]:
+def timed(impls: Sequence[Impl], reps: int, warmup: int) -> Dict[str, List[float]]:
+    """:func:`_timing.interleaved` on the CPU, after freezing every object alive so far.
+
+    jax's tracing and torch's compiler leave ~10^6 long-lived objects; the timing loop's
+    ``gc.collect()`` would walk them every round (0.1–0.3 s each) unless they are frozen.
+    """
+    gc.freeze()
+    return interleaved(impls, reps=reps, warmup=warmup, device=torch.device("cpu"))
+
+
+def time_to_accuracy(points, grid, sizes, reps: int, warmup: int, jax_ok: bool, compiled: bool,
+                     say: Callable) -> Dict[str, Any]:
     base = LogisticCase(n=sizes[0], d=sizes[1], K=grid[0], device=torch.device("cpu"), dtype=torch.float32)
     f32 = [[p[k].float() for p in points] for k in ("theta", "w")]
     reference = points[-1]["reference"]
@@ -296,8 +306,8 @@ def time_to_accuracy(points, grid, sizes, reps: int, warmup: int, jax_ok: bool, 
     for K in grid:
         say(f"K = {K}")
         cases = [base.variant(K=K, theta=[t], x_star=[w]) for t, w in zip(*f32)]
-        methods = method_impls(cases, K, jax_ok)
-        times = interleaved([m[0] for m in methods.values()], reps=reps, warmup=warmup, device=torch.device("cpu"))
+        methods = method_impls(cases, K, jax_ok, compiled)
+        times = timed([m[0] for m in methods.values()], reps, warmup)
         for name, (_, grad, products) in methods.items():
             row = table.setdefault(name, {"K": [], "products": [], "rel_error": [], "median_s": []})
             row["K"].append(K)
@@ -332,7 +342,7 @@ def jaxopt_comparison(sizes, reps: int, warmup: int, jax_ok: bool, say: Callable
     for impl in impls:  # compiles (jit, torch.compile) before any round, whatever ``warmup`` is
         impl.run(impl.setup())
     say("JAXopt comparison: timing")
-    times = interleaved(impls, reps=reps, warmup=warmup, device=cpu)
+    times = timed(impls, reps, warmup)
     names = [impl.name for impl in impls]
     pairs = [(a, b) for a in names for b in ("JAXopt call", "JAXopt backward", "floor call", "floor backward")
              if a != b and a.split()[-1] == b.split()[-1]]
@@ -402,9 +412,6 @@ def worker(args) -> Dict[str, Any]:
         say(note)
     steps = QUICK_STEPS if args.quick else STEPS
     sizes = QUICK_SIZES if args.quick else SIZES
-    # jax and torch's compiler leave ~10^6 long-lived objects; the timing loop's
-    # gc.collect() would walk them every round (0.3 s each) unless they are frozen.
-    gc.freeze()
     say(f"float64 trajectory of {steps} outer steps")
     points = trajectory(steps, torch.device("cpu"), *sizes)
     results: Dict[str, Any] = {
@@ -420,7 +427,12 @@ def worker(args) -> Dict[str, Any]:
     results["jaxopt"] = jaxopt_comparison(sizes, args.reps, args.warmup, jax_ok, say)
     grid = QUICK_GRID if args.quick else GRID
     results["grid"] = list(grid)
-    results["curves"] = time_to_accuracy(points, grid, sizes, args.reps, args.warmup, jax_ok, say)
+    # torch.compile compiles once per K (seconds to a minute each): --quick times the compiled
+    # path in the JAXopt comparison only.
+    compiled = compile_supported() and not args.quick
+    if compile_supported() and args.quick:
+        notes.append("--quick: the compiled path is timed at K = 20 only (it compiles once per K).")
+    results["curves"] = time_to_accuracy(points, grid, sizes, args.reps, args.warmup, jax_ok, compiled, say)
     results["cost_model"] = cost_model(results["curves"])
     return results
 
