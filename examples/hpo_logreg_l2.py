@@ -108,7 +108,7 @@ LBFGS = ig.solvers.TorchOptimizer(torch.optim.LBFGS, history_size=100, max_iter=
 
 
 def fit(theta: torch.Tensor, data, x0: Dict[str, torch.Tensor], linear_solver: ig.LinearSolver,
-        on_failure: str = "warn"):
+        on_failure: str = "warn", warm_start: Optional[ig.WarmStart] = None):
     """``(w*, b*)(θ)`` by L-BFGS from ``x0``, differentiable in ``θ``; also returns the ``SolveInfo``.
 
     ``on_failure`` applies to the backward solve: a truncated Neumann series is unconverged by
@@ -116,7 +116,7 @@ def fit(theta: torch.Tensor, data, x0: Dict[str, torch.Tensor], linear_solver: i
     """
     X, y = data["train"]
     model, info = ig.implicit_solve(inner_objective, x0, theta, X, y, solver=LBFGS, linear_solver=linear_solver,
-                                    on_failure=on_failure, return_info=True)
+                                    on_failure=on_failure, return_info=True, warm_start=warm_start)
     if info.forward_status != "converged":
         raise RuntimeError(f"the inner L-BFGS solve did not converge:\n{info}")
     return model, info
@@ -137,18 +137,23 @@ class Tuner:
         lr: Adam step size on ``θ``.
         linear: ``"cg"`` (CG to convergence) or ``"neumann"`` (a fixed number of terms).
         neumann_terms: terms of the Neumann series per hypergradient.
+        warm_start: CG starts each backward solve from the previous outer step's solution
+            (an :class:`ig.WarmStart`).
     """
 
-    def __init__(self, data, theta0: torch.Tensor, lr: float, linear: str, neumann_terms: int) -> None:
+    def __init__(self, data, theta0: torch.Tensor, lr: float, linear: str, neumann_terms: int,
+                 warm_start: bool = False) -> None:
         if linear not in ("cg", "neumann"):
             raise ValueError(f"linear must be 'cg' or 'neumann', got {linear!r}.")
         self.data, self.linear, self.neumann_terms = data, linear, neumann_terms
+        self.warm = ig.WarmStart() if warm_start and linear == "cg" else None
         self.theta = theta0.detach().clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.theta], lr=lr)
         self.model = zero_model(data["train"][0])
         self.history: Dict[str, List[float]] = {"val": [], "inner_iterations": [], "matvecs": [],
                                                 "inner_initial_gradient": [], "cold_steps": [],
-                                                "cold_iterations": [], "cold_initial_gradient": []}
+                                                "cold_iterations": [], "cold_initial_gradient": [],
+                                                "cold_matvecs": []}
 
     def step(self, measure_cold: bool = False) -> float:
         """One outer step; with ``measure_cold`` also count L-BFGS iterations from zero, for comparison."""
@@ -158,13 +163,18 @@ class Tuner:
             self.history["cold_steps"].append(len(self.history["val"]))
             self.history["cold_iterations"].append(cold.forward_iterations)
             self.history["cold_initial_gradient"].append(cold.initial_residual)
+            if self.linear == "cg":  # the same backward solve from 0, at this θ
+                t = self.theta.detach().clone().requires_grad_(True)
+                model, info = fit(t, self.data, self.model, ig.CG(maxiter=2000, tol=1e-10))
+                cross_entropy(model, *self.data["val"]).backward()
+                self.history["cold_matvecs"].append(info.backward.iterations)
         if self.linear == "cg":
             linear_solver, on_failure = ig.CG(maxiter=2000, tol=1e-10), "warn"
         else:
             alpha = 1.0 / lipschitz_bound(self.data["train"][0], self.theta.detach())
             linear_solver, on_failure = ig.Neumann(maxiter=self.neumann_terms, alpha=alpha), "ignore"
         self.optimizer.zero_grad()
-        model, info = fit(self.theta, self.data, self.model, linear_solver, on_failure)
+        model, info = fit(self.theta, self.data, self.model, linear_solver, on_failure, self.warm)
         loss = cross_entropy(model, *self.data["val"])
         loss.backward()
         self.optimizer.step()
@@ -257,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--n-train", type=int, default=100, help="training examples")
     parser.add_argument("--theta0", type=float, default=0.0, help="initial log λ_j (0: λ_j = 1, too strong)")
     parser.add_argument("--neumann-terms", type=int, default=50, help="Neumann terms per hypergradient")
+    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                        help="start every CG backward solve from 0 (default: from the previous outer step's solution)")
     parser.set_defaults(threads=1)
     args = parse_args(parser, argv)
     steps = args.steps or (30 if args.quick else 50)
@@ -265,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     d = data["train"][0].shape[1]
     theta0 = torch.full((d,), args.theta0, dtype=DTYPE, device=args.device)
 
-    cg = Tuner(data, theta0, args.lr, "cg", args.neumann_terms)
+    cg = Tuner(data, theta0, args.lr, "cg", args.neumann_terms, warm_start=args.warm_start)
     neumann = Tuner(data, theta0, args.lr, "neumann", args.neumann_terms)
     before = cg.final()
     every = max(1, steps // 10)
@@ -296,6 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "neumann_test_accuracy_after": after_neumann["test_accuracy"],
         "neumann_terms": args.neumann_terms,
         "cg_mean_iterations": float(np.mean(cg.history["matvecs"])),
+        "cg_warm_start": args.warm_start,
+        "cg_matvecs_at_measured_steps": float(np.mean([cg.history["matvecs"][k] for k in cg.history["cold_steps"]])),
+        "cg_matvecs_cold_at_measured_steps": float(np.mean(cg.history["cold_matvecs"])),
         "inner_iterations_warm_mean": warm,
         "inner_iterations_cold_mean": cold,
         "inner_initial_gradient_warm_mean": warm_gradient,
@@ -322,6 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             ("test accuracy after (CG)", after["test_accuracy"]),
             (f"test accuracy after (Neumann, {args.neumann_terms} terms)", after_neumann["test_accuracy"]),
             ("CG iterations per hypergradient (mean)", metrics["cg_mean_iterations"]),
+            (f"CG iterations per hypergradient, {'warm' if args.warm_start else 'cold'} / cold start (same steps)",
+             f"{metrics['cg_matvecs_at_measured_steps']:.1f} / {metrics['cg_matvecs_cold_at_measured_steps']:.1f}"),
             (f"hypergradient error of Neumann ({args.neumann_terms} terms), start / end",
              f"{error_at(errors_start, 'neumann')} / {error_at(errors_end, 'neumann')}"),
             (f"hypergradient error of CG ({args.neumann_terms} iterations), start / end",

@@ -17,6 +17,7 @@ from ._diagnostics import LinearSolveInfo, SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
 from .linalg._base import PytreeLayout, dot, norm, product_precision, propagate_nonfinite, run_linear_solver
+from .linalg._recycle import recycling
 from .linalg.cgnr import transposed_product
 
 #: Dtypes whose linear solves run in float32: their reductions lose too much precision.
@@ -49,7 +50,8 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
     other = (lin.matvec if transpose else lin.rmatvec) if needs_other else None
     warm, kind = options.warm_start, "backward" if transpose else "forward"
     init = warm.initial_guess(kind, b) if warm is not None and warm.usable(b) else None
-    with product_precision(dtype), transposed_product(other):
+    recycler = warm.recycler(kind) if warm is not None and warm.usable(b) else None
+    with product_precision(dtype), transposed_product(other), recycling(recycler):
         if not cond.symmetric and getattr(options.linear_solver, "symmetric", False):
             _check_symmetric(cond, options, op, b)
         solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout, init=init)

@@ -1,4 +1,4 @@
-"""``WarmStart``: initial guesses for the linear solves of repeated implicit solves."""
+r"""``WarmStart``: initial guesses for the linear solves of repeated implicit solves."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ._compat import host_readable
+from .linalg._recycle import Recycler
 
 __all__ = ["WarmStart"]
 
@@ -29,8 +30,24 @@ class WarmStart:
     ``linear_solver`` chooses its own. Solutions with NaN/Inf are not stored. A batch of
     problems under ``torch.func.vmap`` warm-starts as a whole when the batch repeats.
 
+    With ``recycle=k`` the last ``k`` search directions :math:`s_j` of the CG solves and
+    their products :math:`y_j = A s_j` are kept too, and precondition the next CG solve with
+    the limited-memory preconditioner :math:`H = (I - S D^{-1} Y^\top)(I - Y D^{-1} S^\top)
+    + S D^{-1} S^\top`, :math:`D = S^\top Y` (Gratton, Sartenaer and Tshimanga, 2011),
+    symmetric positive definite, with :math:`HA = I` on the span of the kept directions for
+    the matrix they came from: CG need not explore that subspace again. It costs ``2k``
+    stored vectors of the size of ``x`` and four products of them with a vector per
+    iteration, no extra Hessian-vector product, and applies when the linear solver is
+    :class:`~implicitgrad.CG` without a preconditioner of the user's. Starting from the
+    previous solution alone saves little when an outer step moves the solution by more than
+    the tolerance asks; the recycled directions can keep saving products there, but how
+    many depends on the spectrum — measure it (``benchmarks/bench_warm.py``).
+
     Keep one ``WarmStart`` per problem that repeats (per task of a fixed task pool, per
     layer): a solution of another problem is a valid start but rarely a good one.
+
+    Args:
+        recycle: CG directions to keep across solves (0: the solution only).
 
     Attributes:
         hits: solves that started from a stored solution.
@@ -49,17 +66,31 @@ class WarmStart:
         (2, 1)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, recycle: int = 0) -> None:
+        if isinstance(recycle, bool) or not isinstance(recycle, int) or recycle < 0:
+            raise ValueError(
+                f"WarmStart: recycle must be a non-negative integer (CG directions kept), got {recycle!r}."
+            )
+        self.recycle = recycle
         self._stored: Dict[str, List[torch.Tensor]] = {}
+        self._recyclers: Dict[str, Recycler] = {}
         self.hits = 0
         self.misses = 0
 
     def __repr__(self) -> str:
-        return f"WarmStart(hits={self.hits}, misses={self.misses}, stored={sorted(self._stored)})"
+        return (f"WarmStart(recycle={self.recycle}, hits={self.hits}, misses={self.misses}, "
+                f"stored={sorted(self._stored)})")
 
     def reset(self) -> None:
-        """Forget the stored solutions (the counters stay)."""
+        """Forget the stored solutions and directions (the counters stay)."""
         self._stored.clear()
+        self._recyclers.clear()
+
+    def recycler(self, kind: str) -> Optional[Recycler]:
+        """The directions kept for the solves of ``kind`` (``None`` without ``recycle``)."""
+        if not self.recycle:
+            return None
+        return self._recyclers.setdefault(kind, Recycler(self.recycle))
 
     def initial_guess(self, kind: str, b: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """The stored solution of the solves of ``kind`` if it fits ``b``'s leaves, else ``None``."""

@@ -178,3 +178,81 @@ def test_imaml_warm_start_per_task_gives_the_same_meta_gradient(batched):
     for a, b in zip(cold_g, warm_g):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
     assert sum(warm_p[1:]) < sum(cold_p[1:])
+
+
+# ------------------------------------------------------------------ recycled CG directions
+def _spd(n, seed, cond=1e3):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    return q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=DT)) @ q.T
+
+
+def test_limited_memory_preconditioner_is_spd_and_inverts_a_on_its_span():
+    from implicitgrad.linalg._recycle import Recycler
+
+    a = _spd(20, 0)
+    s = torch.randn(6, 1, 20, dtype=DT, generator=torch.Generator().manual_seed(1))
+    rec = Recycler(memory=10)
+    for sj in s:
+        rec.pairs.append((sj, sj @ a))
+    h = rec.preconditioner(torch.zeros(1, 20, dtype=DT))
+    hm = torch.stack([h(e.unsqueeze(0))[0] for e in torch.eye(20, dtype=DT)])
+    torch.testing.assert_close(hm, hm.T, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(hm).min() > 0
+    for sj in s:  # H A s = s on the span of the pairs
+        torch.testing.assert_close(h(sj @ a), sj, rtol=1e-8, atol=1e-10)
+
+
+def test_recycled_directions_solve_a_repeated_system_at_once():
+    a = _spd(60, 2, cond=1e4)
+    b = torch.randn(60, dtype=DT, generator=torch.Generator().manual_seed(3))
+    ws = ig.WarmStart(recycle=60)
+    its = []
+    for k in range(3):
+        lam = torch.tensor(1.0 + 1e-3 * k, dtype=DT, requires_grad=True)
+
+        def quadratic(x, lam):
+            return 0.5 * x @ (a @ x) + 0.5 * lam * (x**2).sum() - b @ x
+
+        x, info = ig.implicit_solve(quadratic, torch.zeros(60, dtype=DT), lam, return_info=True, warm_start=ws,
+                                    solver=lambda f, x0, lam: torch.linalg.solve(a + lam * torch.eye(60, dtype=DT), b),
+                                    linear_solver=ig.CG(maxiter=300, tol=1e-10))
+        (g,) = torch.autograd.grad(x.sum(), lam)
+        m = a + lam.detach() * torch.eye(60, dtype=DT)
+        torch.testing.assert_close(g, -(torch.linalg.solve(m, torch.ones(60, dtype=DT)) @ x.detach()),
+                                   rtol=1e-8, atol=1e-12)
+        its.append(info.backward.iterations)
+    assert its[1] < its[0] / 2 and its[2] < its[0] / 2
+
+
+def test_recycling_gives_the_same_hypergradients():
+    # The product counts depend on the spectrum (benchmarks/bench_warm.py measures them);
+    # the gradients do not.
+    _, err_plain = _run(ig.WarmStart())
+    recycled, err_recycled = _run(ig.WarmStart(recycle=60))
+    assert max(err_plain + err_recycled) < 1e-8
+    assert sum(recycled[-3:]) < sum(recycled[:3])  # the directions of earlier solves accumulate
+
+
+def test_a_solve_of_its_own_inside_the_objective_does_not_touch_the_recycled_directions():
+    X, y = _data(n=40, d=5)
+    inner_a = _spd(5, 4)
+
+    def objective(w, log_lam):
+        # The objective itself calls CG on an unrelated system (e.g. a preconditioned model).
+        shift, _ = ig.CG(tol=1e-12)(lambda v: inner_a @ v, torch.ones(5, dtype=DT))
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (log_lam.exp() * w**2).sum() + 0.0 * (shift.detach() @ w)
+
+    ws = ig.WarmStart(recycle=10)
+    for _ in range(2):
+        log_lam = torch.zeros(5, dtype=DT, requires_grad=True)
+        w = ig.implicit_solve(objective, torch.zeros(5, dtype=DT), log_lam, warm_start=ws,
+                              solver=lambda f, w0, ll: torch.linalg.solve(X.T @ X + torch.diag(ll.exp()), X.T @ y))
+        (g,) = torch.autograd.grad(((X @ w - y) ** 2).mean(), log_lam)
+        torch.testing.assert_close(g, _exact_hypergradient(X, y, log_lam.detach()), rtol=1e-7, atol=1e-12)
+    assert all(s.shape == (1, 5) for s, _ in ws.recycler("backward").pairs)
+
+
+def test_bad_recycle_is_refused():
+    with pytest.raises(ValueError, match="recycle"):
+        ig.WarmStart(recycle=-1)

@@ -26,6 +26,7 @@ from .._diagnostics import LinearSolveInfo, user_stacklevel
 from .._status import Status
 from .._tree import TreeSpec, tree_flatten, tree_unflatten
 from .._validation import check_count, check_nonnegative, check_tol
+from ._recycle import recycling
 
 Vector = List[torch.Tensor]
 Matvec = Callable[[Vector], Vector]
@@ -164,8 +165,9 @@ class LinearSolver:
         layout = PytreeLayout(spec)
         flat_matvec = layout.wrap(matvec, "matvec's output")
         start = None if init is None else layout.flatten(init, "init")
-        solution, info = self.solve_leaves(flat_matvec, leaves, init=start, batch_ndim=batch_ndim,
-                                           layout=layout)
+        with recycling(None):  # a solve of its own: no directions of an enclosing implicit solve
+            solution, info = self.solve_leaves(flat_matvec, leaves, init=start, batch_ndim=batch_ndim,
+                                               layout=layout)
         solution = propagate_nonfinite(flat_matvec, leaves, solution, info, batch_ndim)
         return layout.unflatten(solution), info
 

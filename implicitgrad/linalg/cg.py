@@ -18,6 +18,7 @@ from ._base import (
     safe_div,
     working_dtype,
 )
+from ._recycle import current as current_recycler
 
 #: A residual above this multiple of the best one met so far stops CG as diverging.
 DIVERGENCE_FACTOR = 1e2
@@ -157,7 +158,15 @@ class CG(SymmetricIterativeSolver):
         def op(v: torch.Tensor) -> torch.Tensor:
             return pack(damped(unpack(v)))
 
+        # Directions recycled from earlier solves of a repeated system (ig.WarmStart(recycle=k))
+        # precondition this one when the user gave no preconditioner; this solve's are kept.
+        recycler = current_recycler()
+        deflate = None if recycler is None or precond is not None else recycler.preconditioner(pack(b))
+        plain = precond is None and deflate is None
+
         def prec(r: torch.Tensor) -> torch.Tensor:
+            if deflate is not None:
+                return deflate(r)
             return r if precond is None else pack(precond(unpack(r)))
 
         rhs = pack(b)
@@ -170,7 +179,7 @@ class CG(SymmetricIterativeSolver):
         z = prec(r)
         p = z
         rz = vecdot(r, z)
-        rr = rz if precond is None else vecdot(r, r)  # squared residual norms, per system
+        rr = rz if plain else vecdot(r, r)  # squared residual norms, per system
         host = every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
         book: _Book = _HostBook(x, rr, rz, tol**2 * bb) if host else _DeviceBook(x, rr, rz, tol**2 * bb, every == 1)
         status, used, step, p_index = None, 0, 0, 1  # p_index: the iteration whose direction p is
@@ -181,6 +190,8 @@ class CG(SymmetricIterativeSolver):
             ap = op(p)
             used += 1
             pap = vecdot(p, ap)
+            if recycler is not None:
+                recycler.record(p, ap, pap)
             # A system leaves the batch when it converged, met a direction of non-positive
             # curvature (the step along it is not taken) or diverged; the others go on.
             alpha = book.step_size(step, pap)
@@ -193,7 +204,7 @@ class CG(SymmetricIterativeSolver):
                 r_new = torch.addcmul(r, alpha, ap, value=-1)
             z_new = prec(r_new)
             rz_new = vecdot(r_new, z_new)
-            rr = rz_new if precond is None else vecdot(r_new, r_new)
+            rr = rz_new if plain else vecdot(r_new, r_new)
             p_index = step
             check = step % every == 0 or used >= self.maxiter
             # The book may keep a system's previous x, r, z (a step it decided not to take).
@@ -213,6 +224,8 @@ class CG(SymmetricIterativeSolver):
         if status is None:
             status, products = book.status(op, p, z, p_index, ap)
             used += products
+        if recycler is not None:
+            recycler.finish()
         best_x, best_rr = book.best()
         info = self._finish(used, safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt()), tol, status)
         return unpack(best_x), info
