@@ -11,14 +11,14 @@ import torch
 
 from ._compat import host_readable, is_wrapped, version
 from ._compiled import uses_compiled_backward
+from ._defaults import default_linear_solver
 from ._diagnostics import SolveInfo
 from ._forward import Options, call_solver, measure
 from ._functions import Carry, ImplicitSolve
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
-from ._validation import check_forward_tol, check_on_failure
+from ._validation import check_forward_tol, check_linear_solver, check_on_failure
 from ._warm import WarmStart
-from .linalg import CG, GMRES
 from .linalg._base import LinearSolverLike, all_finite
 
 __all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
@@ -327,12 +327,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
             "solver must be a callable solver(fn, x0, *params) -> x, e.g. "
             "ig.solvers.GradientDescent(lr=0.1, maxiter=500) or a closed form."
         )
-    if linear_solver is not None and (isinstance(linear_solver, type) or not callable(linear_solver)):
-        raise TypeError(
-            "linear_solver must be an ig linear solver such as ig.CG(), ig.GMRES(), "
-            "ig.Neumann() or ig.Exact() (an instance), or a callable linear_solver(matvec, b) "
-            f"returning x or (x, info), got {linear_solver!r}."
-        )
+    check_linear_solver(linear_solver, example="ig.CG(), ig.GMRES(), ig.Neumann() or ig.Exact()")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     check_on_failure(on_failure)
@@ -359,7 +354,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
 
     cond = BUILDERS[kind](fn, Codec(x_spec, tuple(x_leaves), p_spec, tuple(p_leaves)))
     if linear_solver is None:
-        linear_solver = CG() if cond.symmetric else GMRES()
+        linear_solver = default_linear_solver(cond.symmetric)
     options = Options(solver, linear_solver, on_failure, forward_tol, warm_start)
     info = SolveInfo()
     if mode == "unrolled":
