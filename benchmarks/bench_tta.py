@@ -154,9 +154,11 @@ def jax_available() -> Optional[str]:
 def jaxopt_functions(K: int):
     """JAXopt's implicit hypergradient of the logistic problem with ``K`` CG steps, jit-compiled.
 
-    Returns ``(call, backward)``: ``call(θ, w*, X, y, X_val, y_val)`` is the whole
+    Returns ``(call, backward, products)``: ``call(θ, w*, X, y, X_val, y_val)`` is the whole
     hypergradient (a "solver" returning ``w*``, the outer loss, its gradient in ``θ``);
-    ``backward(θ, w*, X, y, v)`` the VJP of the solution map applied to ``v = ∂L/∂w*``.
+    ``backward(θ, w*, X, y, v)`` the VJP of the solution map applied to ``v = ∂L/∂w*``;
+    ``products(θ, w*, X, y, p)`` ``K`` normalised Hessian-vector products alone, made as
+    JAXopt makes them (the VJP of ``∇_w f`` at ``w*``), in one compiled loop.
     """
     import jax
     import jax.numpy as jnp
@@ -179,7 +181,16 @@ def jaxopt_functions(K: int):
     def backward(theta, w_star, X, y, v):
         return jax.vjp(lambda t: given(w_star, t, X, y), theta)[1](v)[0]
 
-    return jax.jit(call), jax.jit(backward)
+    def products(theta, w_star, X, y, p):
+        hvp = jax.vjp(lambda w: jax.grad(inner)(w, theta, X, y), w_star)[1]
+
+        def body(_, q):
+            hq = hvp(q)[0]
+            return hq / jnp.linalg.norm(hq)
+
+        return jax.lax.fori_loop(0, K, body, p)
+
+    return jax.jit(call), jax.jit(backward), jax.jit(products)
 
 
 def jax_arrays(case, theta=None):
@@ -191,8 +202,9 @@ def jax_arrays(case, theta=None):
 
 
 def jax_impls(case, K: int):
-    call, backward = jaxopt_functions(K)
+    call, backward, products = jaxopt_functions(K)
     args = jax_arrays(case)
+    p = args[1] / numpy.linalg.norm(numpy.asarray(args[1]))
 
     def v_of(a):
         import jax
@@ -202,7 +214,28 @@ def jax_impls(case, K: int):
 
     v = v_of(args)
     return [Impl("JAXopt call", lambda: args, lambda a: call(*a).block_until_ready()),
-            Impl("JAXopt backward", lambda: (args[:4], v), lambda s: backward(*s[0], s[1]).block_until_ready())]
+            Impl("JAXopt backward", lambda: (args[:4], v), lambda s: backward(*s[0], s[1]).block_until_ready()),
+            Impl("JAXopt products", lambda: (args[:4], p), lambda s: products(*s[0], s[1]).block_until_ready())]
+
+
+def torch_products_impl(case, K: int) -> Impl:
+    """``K`` normalised Hessian-vector products on the graph of ``∇_w f`` (built untimed), as the floor makes them."""
+
+    def setup():
+        w = case.x_star[0].detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(case.objective(w, case.theta[0], *case.data), w, create_graph=True)
+        return w, g
+
+    def run(state):
+        w, g = state
+        q = w.detach() / w.detach().norm()
+        for _ in range(K):
+            (hq,) = torch.autograd.grad(g, w, q, retain_graph=True)
+            q = hq / hq.norm()
+        return q
+
+    return Impl("floor products", setup, run)
 
 
 # ---------------------------------------------------------------------------- implicitgrad variants
@@ -328,12 +361,21 @@ def jaxopt_comparison(sizes, reps: int, warmup: int, jax_ok: bool, say: Callable
         say("JAXopt float64 check")
         grads["JAXopt"] = [torch.from_numpy(numpy.array(jaxopt_functions(JAX_K)[0](*jax_arrays(case64))))]
     out["check"] = agreement(grads, AGREEMENT_TOL)
+    if jax_ok:
+        # The bare products of both frameworks compute the same thing: K normalised products.
+        torch_products = torch_products_impl(case64, JAX_K)
+        jax_products = jax_impls(case64, JAX_K)[2]
+        out["products_check"] = agreement(
+            {"floor products": [torch_products.run(torch_products.setup()).detach()],
+             "JAXopt products": [torch.from_numpy(numpy.array(jax_products.run(jax_products.setup())))]},
+            AGREEMENT_TOL)
     call, floor = case.call_impls()
     backward = {impl.name: impl for impl in case.impls()}
     impls = [Impl("implicitgrad call", call.setup, call.run),
              Impl("implicitgrad backward", backward["implicitgrad"].setup, backward["implicitgrad"].run),
              Impl("floor call", floor.setup, floor.run),
-             Impl("floor backward", backward["floor"].setup, backward["floor"].run)]
+             Impl("floor backward", backward["floor"].setup, backward["floor"].run),
+             torch_products_impl(case, JAX_K)]
     if compile_supported():
         compiled = case.variant(linear=compiled_linear(JAX_K))
         impls.append(Impl("implicitgrad compiled call", compiled.setup_params, compiled.run_ig_call))
@@ -344,12 +386,13 @@ def jaxopt_comparison(sizes, reps: int, warmup: int, jax_ok: bool, say: Callable
     say("JAXopt comparison: timing")
     times = timed(impls, reps, warmup)
     names = [impl.name for impl in impls]
-    pairs = [(a, b) for a in names for b in ("JAXopt call", "JAXopt backward", "floor call", "floor backward")
+    pairs = [(a, b) for a in names for b in ("JAXopt call", "JAXopt backward", "JAXopt products", "floor call",
+                                             "floor backward", "floor products")
              if a != b and a.split()[-1] == b.split()[-1]]
     out.update(summarize(times, pairs))
     out["times_s"] = times
     out["cpu_per_wall"] = {impl.name: cpu_per_wall(impl) for impl in impls}
-    out["profile"] = profile([impl for impl in impls if impl.name.endswith("call") and "JAXopt" not in impl.name])
+    out["profile"] = profile([impl for impl in impls if "JAXopt" not in impl.name and "backward" not in impl.name])
     return out
 
 

@@ -355,7 +355,11 @@ def _tta_tables(tta: Dict[str, Any], reps: int) -> Dict[str, Dict[str, Any]]:
              "of its solution map applied to ∂L/∂w*). CPU/wall: process CPU time over wall time of 5 calls (below 1 "
              "when other jobs share the cores).",
              "float64 agreement before timing: " + (", ".join(f"{k} {v:.1e}" for k, v in check["pairs"].items())
-                                                    or "nothing to compare (JAXopt absent)") + "."]
+                                                    or "nothing to compare (JAXopt absent)") + ".",
+             f"'products' = {jax_cmp['K']} normalised Hessian-vector products alone, the floor's on the graph of "
+             "∇_w f built beforehand, JAXopt's as the VJP of ∇_w f in one jitted loop"
+             + (f" (float64 agreement {jax_cmp['products_check']['max_rel_diff']:.1e})"
+                if "products_check" in jax_cmp else "") + ": the share of the gap the products carry."]
     notes += tta["notes"]
     tables[f"JAXopt (jit) against implicitgrad and the floor, K = {jax_cmp['K']}"] = {
         "header": ["implementation", "median", "CPU / wall", "÷ JAXopt (same kind)", "÷ floor (same kind)"],
@@ -601,9 +605,11 @@ def _checks(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             checks[section] = results[section]["check"]
     for name, case in results.get("call", {}).get("cases", {}).items():
         checks[f"call/{name}"] = case["check"]
-    jax_check = results.get("tta", {}).get("jaxopt", {}).get("check")
-    if jax_check and jax_check["pairs"]:
-        checks["tta/jaxopt"] = jax_check
+    jax_cmp = results.get("tta", {}).get("jaxopt", {})
+    if jax_cmp.get("check", {}).get("pairs"):
+        checks["tta/jaxopt"] = jax_cmp["check"]
+    if "products_check" in jax_cmp:
+        checks["tta/products"] = jax_cmp["products_check"]
     return checks
 
 
