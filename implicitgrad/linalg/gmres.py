@@ -32,6 +32,15 @@ class GMRES(IterativeSolver):
     when the cycle ends. Suited to the Jacobians of :func:`~implicitgrad.root_solve` and
     :func:`~implicitgrad.fixed_point_solve`, which are not symmetric.
 
+    **Cost.** The basis and the Hessenberg matrix are allocated once per solve and
+    written in place. In eager PyTorch a step still launches about twenty small tensor
+    operations besides the ``matvec`` (eight for the two Gram-Schmidt passes and the
+    normalisation, eight for the rotation, the rest for the check): where a product
+    costs well under a millisecond (a small DEQ layer on a CPU), this bookkeeping takes
+    about as long as the products themselves; the Gram-Schmidt passes alone do, and
+    nothing below them orthogonalises a basis. For products of a millisecond or more it
+    is a few percent.
+
     **Budget.** ``maxiter`` bounds every ``matvec`` call of the solve: the Arnoldi steps
     of all cycles, the product that measures the true residual :math:`b - A x` after each
     cycle (which also starts the next cycle), and the initial residual when ``init`` is
