@@ -86,8 +86,8 @@ class CGNR(IterativeSolver):
         >>> A = torch.tensor([[0.0, -2.0], [2.0, 0.0]], dtype=torch.float64)  # a rotation, scaled
         >>> b = torch.tensor([1.0, 1.0], dtype=torch.float64)
         >>> x, info = ig.CGNR()(lambda v: A @ v, b, rmatvec=lambda u: A.T @ u)
-        >>> info.status, info.iterations, torch.allclose(A @ x, b)
-        ('converged', 3, True)
+        >>> info.status, info.iterations, torch.allclose(A @ x, b)  # Aᵀb; A p, Aᵀr; the measured residual
+        ('converged', 4, True)
 
     References:
         Hestenes and Stiefel, Methods of Conjugate Gradients for Solving Linear Systems,
