@@ -19,10 +19,17 @@ then bisection) for the smallest budget whose hypergradient ``−(∂_θ∇ₓf)
 CG to a 1e-13 residual above). The products are counted at the matvec, so a warm start
 pays for its initial residual ``b − H u₀``. The warm state kept for the next step is the
 solution found at that smallest budget (what a solve stopping at the target would keep).
+
+Where ``ig.WarmStart`` exists, the same search also runs through
+``ig.implicit_solve(..., warm_start=ig.WarmStart(recycle=RECYCLE))`` (the previous solution
+and the last :data:`RECYCLE` CG directions as a preconditioner; products: the library's
+count plus the initial residual), and :class:`LibraryPath` repeats the steps with
+``ig.CG(tol=1e-8)`` as a user would run them.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import statistics
@@ -41,6 +48,7 @@ TARGET_RATIO = 2.0  # the issue's target: warm starts need at least 2x fewer pro
 DENSE_MAX = 1000
 TINY_TOL = 1e-30
 KMAX = 4096
+RECYCLE = 10  # CG directions an ig.WarmStart(recycle=...) keeps across solves
 LIBRARY_TOL = 1e-8  # relative residual of the library-path CG solves
 
 
@@ -63,6 +71,7 @@ class System:
     """
 
     def __init__(self, objective: Callable, outer: Callable, x: torch.Tensor, theta: torch.Tensor) -> None:
+        self.objective, self.outer = objective, outer
         self.x = x.detach().requires_grad_(True)
         self.theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -102,35 +111,49 @@ class System:
         u, _ = ig.CG(maxiter=K, tol=TINY_TOL).solve(counter, self.b, init=init)
         return self.error(u), counter.calls, u
 
-    def products_to(self, tol: float, init: Optional[torch.Tensor]) -> Tuple[int, torch.Tensor]:
-        """The fewest products whose hypergradient is within ``tol``, and the solution there.
+    def attempt_library(self, K: int, ws) -> Tuple[float, int, Any]:
+        """``(error, products, ws)`` of ``ig.implicit_solve`` with ``ig.CG(maxiter=K)`` and a copy of
+        the ``WarmStart`` ``ws`` (its solution and recycled directions); ``ws`` is left as it was."""
+        ws = copy.deepcopy(ws)
+        hits = ws.hits
+        theta = self.theta.detach().clone().requires_grad_(True)
+        x_star = self.x.detach()
+        x, info = ig.implicit_solve(self.objective, x_star, theta, solver=lambda *_: x_star,
+                                    linear_solver=ig.CG(maxiter=K, tol=TINY_TOL), warm_start=ws,
+                                    on_failure="ignore", return_info=True)
+        (grad,) = torch.autograd.grad(self.outer(x), theta)
+        error = float((grad - self.reference).norm() / self.reference.norm())
+        return error, info.backward.iterations + int(ws.hits > hits), ws
 
-        Doubling from ``K = 1`` (after ``K = 0`` for a warm start), then bisection on the
-        last interval; CG's error is not strictly monotone in ``K``, so the result is the
-        smallest budget the search found, within a step or two of the true smallest one.
-        """
-        if init is not None:
-            err, products, u = self.attempt(0, init)
-            if err <= tol:
-                return products, u
-        low, high = 0, 1
-        while True:
-            err, products, u = self.attempt(high, init)
-            if err <= tol:
-                break
-            if high >= KMAX:
-                raise RuntimeError(f"CG did not reach a hypergradient error of {tol:g} in {KMAX} steps "
-                                   f"(error {err:.1e})")
-            low, high = high, 2 * high
-        best = (products, u)
-        while high - low > 1:
-            mid = (low + high) // 2
-            err, products, u = self.attempt(mid, init)
-            if err <= tol:
-                high, best = mid, (products, u)
-            else:
-                low = mid
-        return best
+    def products_to(self, tol: float, init: Optional[torch.Tensor]) -> Tuple[int, torch.Tensor]:
+        """The fewest products of CG from ``init`` whose hypergradient is within ``tol``, and the solution."""
+        return smallest_budget(tol, lambda K: self.attempt(K, init), 0 if init is not None else 1)
+
+
+def smallest_budget(tol: float, attempt: Callable[[int], Tuple[float, int, Any]], first: int) -> Tuple[int, Any]:
+    """The fewest products ``attempt(K) -> (error, products, state)`` needs for ``error <= tol``.
+
+    Doubling from ``K = first``, then bisection on the last interval; CG's error is not
+    strictly monotone in ``K``, so the result is the smallest budget the search found,
+    within a step or two of the true smallest one. Returns ``(products, state)`` there.
+    """
+    low, high = first - 1, first
+    while True:
+        err, products, state = attempt(high)
+        if err <= tol:
+            break
+        if high >= KMAX:
+            raise RuntimeError(f"CG did not reach a hypergradient error of {tol:g} in {KMAX} steps (error {err:.1e})")
+        low, high = high, max(1, 2 * high)
+    best = (products, state)
+    while high - low > 1:
+        mid = (low + high) // 2
+        err, products, state = attempt(mid)
+        if err <= tol:
+            high, best = mid, (products, state)
+        else:
+            low = mid
+    return best
 
 
 def flat(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -145,23 +168,33 @@ def unflat(vector: torch.Tensor, like: Dict[str, torch.Tensor]) -> Dict[str, tor
     return out
 
 
-def count_step(system: System, warm: Optional[torch.Tensor], tol: float) -> Dict[str, Any]:
-    """Products cold and warm at one outer step, and the warm solution to keep."""
+def count_step(system: System, state: Dict[str, Any], tol: float) -> Dict[str, Any]:
+    """Products cold, warm (CG from the kept solution) and, where ``ig.WarmStart`` exists,
+    through the library with ``WarmStart(recycle=RECYCLE)``, at one outer step.
+
+    ``state`` holds what the previous step kept (``init``: a solution, ``ws``: a WarmStart)
+    and is updated with what this step keeps.
+    """
     cold, _ = system.products_to(tol, None)
-    warm_products, kept = system.products_to(tol, warm)
-    ref = system.reference_u
-    distance = None if warm is None else float((warm - ref).norm() / ref.norm())
-    return {"cold": cold, "warm": warm_products, "start_distance": distance, "kept": kept.detach()}
+    warm, kept = system.products_to(tol, state.get("init"))
+    ref, init = system.reference_u, state.get("init")
+    counts = {"cold": cold, "warm": warm,
+              "start_distance": None if init is None else float((init - ref).norm() / ref.norm())}
+    state["init"] = kept.detach()
+    if warm_start_supported():
+        ws = state.setdefault("ws", ig.WarmStart(recycle=RECYCLE))
+        counts["recycled"], state["ws"] = smallest_budget(tol, lambda K: system.attempt_library(K, ws), 1)
+    return counts
 
 
 class LibraryPath:
     """The same outer steps through ``ig.implicit_solve`` with ``ig.CG(tol=LIBRARY_TOL)``:
-    cold, and with one ``ig.WarmStart`` carried along (one per task). Products are the
+    cold, and with one ``ig.WarmStart(recycle=RECYCLE)`` carried along (one per task). Products are the
     library's own count (``info.backward.iterations``) plus one for a warm start's initial
     residual; errors are against the same reference."""
 
     def __init__(self) -> None:
-        self.ws = ig.WarmStart()
+        self.ws = ig.WarmStart(recycle=RECYCLE)
         self.products = {"cold": 0, "warm": 0}
         self.max_error = {"cold": 0.0, "warm": 0.0}
 
@@ -191,13 +224,18 @@ def warm_start_supported() -> bool:
     return hasattr(ig, "WarmStart") and "warm_start" in inspect.signature(ig.implicit_solve).parameters
 
 
-def totals(per_step: List[Dict[str, int]]) -> Dict[str, Any]:
+def totals(per_step: List[Dict[str, Any]]) -> Dict[str, Any]:
     cold = sum(s["cold"] for s in per_step)
     warm = sum(s["warm"] for s in per_step)
     distances = [d for s in per_step for d in s["start_distance"] if d is not None]
-    return {"cold_total": cold, "warm_total": warm, "ratio": cold / warm if warm else math.inf,
-            "cold": [s["cold"] for s in per_step], "warm": [s["warm"] for s in per_step],
-            "median_start_distance": statistics.median(distances) if distances else None}
+    out = {"cold_total": cold, "warm_total": warm, "ratio": cold / warm if warm else math.inf,
+           "cold": [s["cold"] for s in per_step], "warm": [s["warm"] for s in per_step],
+           "median_start_distance": statistics.median(distances) if distances else None, "recycle": None}
+    if all("recycled" in s for s in per_step):
+        recycled = sum(s["recycled"] for s in per_step)
+        out.update({"recycle": RECYCLE, "recycled_total": recycled, "recycled_ratio": cold / recycled,
+                    "recycled": [s["recycled"] for s in per_step]})
+    return out
 
 
 # ---------------------------------------------------------------------------- HPO
@@ -256,23 +294,23 @@ def hpo_run(steps: int, lr: float = 0.1, seed: int = 0, tol: float = TARGET_ERRO
         description += f" (examples/hpo_logreg_l2.py needs {exc.name})"
     theta = theta.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
-    per_step, warm = [], None
+    per_step: List[Dict[str, Any]] = []
+    state: Dict[str, Any] = {}
     library = LibraryPath() if warm_start_supported() else None
     for step in range(steps):
         x = solve(theta, x)
         system = System(objective, outer, x, theta)
-        counts = count_step(system, warm, tol)
+        counts = count_step(system, state, tol)
         if library is not None:
             library.step(system, objective, outer)
-        warm = counts.pop("kept")
         counts["start_distance"] = [counts["start_distance"]]
         per_step.append(counts)
         optimizer.zero_grad()
         theta.grad = system.reference.detach().clone()
         optimizer.step()
         if progress and (step + 1) % max(1, steps // 5) == 0:
-            progress(f"warm: HPO (lr {lr:g}) step {step + 1}/{steps}, products cold {counts['cold']}, "
-                     f"warm {counts['warm']}")
+            progress(f"warm: HPO (lr {lr:g}) step {step + 1}/{steps}, products " + ", ".join(
+                f"{k} {v}" for k, v in counts.items() if k != "start_distance"))
     return {"description": f"{description}, Adam (lr {lr:g}) on log λ", "steps": steps, "lr": lr,
             **totals(per_step), "library": None if library is None else LibraryPath.summary([library])}
 
@@ -289,13 +327,13 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
     proximal = make_proximal_objective(lam)
     theta = flat(theta_dict).requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=1e-2)
-    warm: List[Optional[torch.Tensor]] = [None] * tasks
+    states: List[Dict[str, Any]] = [{} for _ in range(tasks)]
     libraries = [LibraryPath() for _ in range(tasks)] if warm_start_supported() else None
     phis = [None] * tasks
     per_step = []
     for step in range(steps):
         meta_grad = torch.zeros_like(theta)
-        counts: Dict[str, Any] = {"cold": 0, "warm": 0, "start_distance": []}
+        counts: Dict[str, Any] = {"start_distance": []}
         center = unflat(theta.detach(), theta_dict)
 
         def centered(phi, _start, X, y, center=center):
@@ -316,20 +354,20 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
                 return torch.nn.functional.cross_entropy(mlp_forward(unflat(x, theta_dict), task.X_q), task.y_q)
 
             system = System(objective, outer, phi, theta)
-            task_counts = count_step(system, warm[i], tol)
+            task_counts = count_step(system, states[i], tol)
             if libraries is not None:
                 libraries[i].step(system, objective, outer)
-            warm[i] = task_counts.pop("kept")
-            counts["cold"] += task_counts["cold"]
-            counts["warm"] += task_counts["warm"]
-            counts["start_distance"].append(task_counts["start_distance"])
+            counts["start_distance"].append(task_counts.pop("start_distance"))
+            for key, value in task_counts.items():
+                counts[key] = counts.get(key, 0) + value
             meta_grad += system.reference.detach() / tasks
         per_step.append(counts)
         optimizer.zero_grad()
         theta.grad = meta_grad
         optimizer.step()
         if progress:
-            progress(f"warm: meta step {step + 1}/{steps}, products cold {counts['cold']}, warm {counts['warm']}")
+            progress(f"warm: meta step {step + 1}/{steps}, products " + ", ".join(f"{k} {v}" for k, v in counts.items()
+                                                                                 if k != "start_distance"))
     n_params = theta.numel()
     description = (f"iMAML, MLP {'-'.join(map(str, sizes))} ({n_params} parameters), pool of {tasks} "
                    f"{sizes[-1]}-way {shots}-shot tasks (all in every meta-batch), λ = {lam}, Adam (lr 0.01)")

@@ -307,33 +307,47 @@ def performance_tables(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     elif tta:
         tables.update(_tta_tables(tta, reps))
     if "warm" in results:
-        warm = results["warm"]
-        rows = []
-        for key, label in (("hpo", "HPO"), ("hpo_small_steps", "HPO, smaller steps"), ("meta", "meta-training")):
-            run = warm[key]
-            verdict = (_verdict(run["ratio"], warm["target_ratio"], lower_is_better=False) if key == "hpo"
-                       else f"{run['ratio']:.2f}")
-            distance, lib = run["median_start_distance"], run.get("library")
-            rows.append([f"{label}: {run['description']}", str(run["steps"]), str(run["cold_total"]),
-                         str(run["warm_total"]), verdict, "n/a" if distance is None else f"{distance:.1e}",
-                         "ig.WarmStart absent" if lib is None else
-                         f"{lib['cold_total']} / {lib['warm_total']} = {lib['ratio']:.2f} (max error "
-                         f"{lib['max_error_cold']:.0e} / {lib['max_error_warm']:.0e})"])
-        tables["Warm starts: products to a 1e-6 hypergradient"] = {
-            "header": ["run", "outer steps", "products, cold (from 0)", "products, warm",
-                       f"cold / warm (HPO target ≥ {warm['target_ratio']})",
-                       "median ‖u₀ − u‖/‖u‖ of the warm start",
-                       "implicit_solve(warm_start=...), CG tol 1e-8: products cold / warm"],
-            "rows": rows,
-            "notes": [f"float64; per outer step the fewest Hessian-vector products of ig.CG whose hypergradient is "
-                      f"within {warm['target_error']:g} relative error of the reference, counted at the matvec (a warm "
-                      "start pays its initial residual); totals over the run. CG's error falls by a roughly "
-                      "constant factor per product, so a start at relative distance δ saves about a fraction "
-                      f"log δ / log {warm['target_error']:g} of the products: halving them takes δ ≲ "
-                      f"{warm['target_error'] ** 0.5:g}. Last column: the same steps through ig.implicit_solve "
-                      "with ig.CG(tol=1e-8), cold and with one ig.WarmStart (per task), the library's product "
-                      "count plus the warm start's initial residual, and the largest hypergradient error."]}
+        tables["Warm starts: products to a 1e-6 hypergradient"] = _warm_table(results["warm"])
     return tables
+
+
+def _warm_table(warm: Dict[str, Any]) -> Dict[str, Any]:
+    target = warm["target_ratio"]
+    rows = []
+    for key, label in (("hpo", "HPO"), ("hpo_small_steps", "HPO, smaller steps"), ("meta", "meta-training")):
+        run = warm[key]
+
+        def ratio(value, run=run, key=key):
+            return _verdict(value, target, lower_is_better=False) if key == "hpo" else f"{value:.2f}"
+
+        distance, lib, recycle = run["median_start_distance"], run.get("library"), run.get("recycle")
+        rows.append([f"{label}: {run['description']}", str(run["steps"]), str(run["cold_total"]),
+                     str(run["warm_total"]), ratio(run["ratio"]),
+                     "ig.WarmStart absent" if recycle is None else
+                     f"{run['recycled_total']} ({ratio(run['recycled_ratio'])})",
+                     "n/a" if distance is None else f"{distance:.1e}",
+                     "ig.WarmStart absent" if lib is None else
+                     f"{lib['cold_total']} / {lib['warm_total']} = {lib['ratio']:.2f} (max error "
+                     f"{lib['max_error_cold']:.0e} / {lib['max_error_warm']:.0e})"])
+    recycle = warm["hpo"].get("recycle")
+    return {
+        "header": ["run", "outer steps", "products, cold (from 0)", "products, warm (previous solution)",
+                   f"cold / warm (HPO target ≥ {target})",
+                   f"products, ig.WarmStart(recycle={recycle}) (cold / it)",
+                   "median ‖u₀ − u‖/‖u‖ of the warm start",
+                   f"implicit_solve, CG tol 1e-8: products cold / WarmStart(recycle={recycle})"],
+        "rows": rows,
+        "notes": [f"float64; per outer step the fewest Hessian-vector products of ig.CG whose hypergradient is "
+                  f"within {warm['target_error']:g} relative error of the reference (doubling, then bisection on "
+                  "maxiter), counted at the matvec, a warm start paying its initial residual; totals over the run. "
+                  "'warm' starts CG from the solution the previous step kept (the same task's, for the task pool); "
+                  f"'WarmStart(recycle={recycle})' runs the same search through ig.implicit_solve(warm_start=...), "
+                  f"which also keeps the last {recycle} CG directions as a limited-memory preconditioner. CG's error "
+                  "falls by a roughly constant factor per product, so a start at relative distance δ alone saves "
+                  f"about a fraction log δ / log {warm['target_error']:g} of the products: halving them takes "
+                  f"δ ≲ {warm['target_error'] ** 0.5:g}. Last column: the same steps with ig.CG(tol=1e-8), the "
+                  "library's product count plus the warm start's initial residual, and the largest "
+                  "hypergradient error of each."]}
 
 
 def _tta_tables(tta: Dict[str, Any], reps: int) -> Dict[str, Dict[str, Any]]:

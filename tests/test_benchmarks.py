@@ -181,6 +181,10 @@ def test_warm_start_counts_add_up(quick_run):
         # The first outer step has nothing to start from: warm and cold are the same solve.
         assert run["warm"][0] == run["cold"][0] > 0
         assert run["ratio"] == pytest.approx(run["cold_total"] / run["warm_total"])
+        if run["recycle"] is not None:
+            assert run["recycled_total"] == sum(run["recycled"])
+            # First step, nothing stored: the library's count of the same cold CG matches the matvec count.
+            assert run["recycled"][0] == run["cold"][0]
         library = run["library"]
         if library is not None:
             # Warm-started or not, a solve to the same tolerance gives the same hypergradient.
