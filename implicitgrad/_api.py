@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union
 
 import torch
 
-from ._compat import host_readable, is_wrapped, version
+from ._compat import apply_function, host_readable, is_wrapped, version
 from ._compiled import uses_compiled_backward
 from ._defaults import default_linear_solver
 from ._diagnostics import SolveInfo
@@ -362,7 +362,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     else:
         # The compiled backward linearises by itself: no graph of F is kept for it.
         carry = Carry(None if uses_compiled_backward(cond, linear_solver) else _backward_needs(p_tensors))
-        x = ImplicitSolve.apply(cond, options, info, carry, len(x_tensors), *x_tensors, *p_tensors)
+        x = apply_function(ImplicitSolve, cond, options, info, carry, len(x_tensors), *x_tensors, *p_tensors)
     out = cond.codec.x_tree(list(x))
     return (out, info) if return_info else out
 

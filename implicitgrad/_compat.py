@@ -15,7 +15,12 @@ fallback takes the differentiable path, which is correct everywhere and only slo
   reached only for legacy-batched tensors;
 * ``pytree`` (``torch.utils._pytree``): no fallback, ``torch.func`` itself needs it;
 * :func:`version` (``Tensor._version``, the counter in-place operations increment):
-  without it every tensor counts as new, so its checks are redone on every call.
+  without it every tensor counts as new, so its checks are redone on every call;
+* :func:`apply_function` (``torch._C._are_functorch_transforms_active``,
+  ``torch._functorch.utils.unwrap_dead_wrappers`` and the C++ ``apply`` under
+  ``torch.autograd.Function.apply``): outside ``torch.func`` transforms it skips the
+  signature binding ``Function.apply`` does on every call (for defaults the library's
+  Functions do not have); without the probes it calls ``Function.apply``.
 """
 
 from __future__ import annotations
@@ -95,3 +100,23 @@ def version(t: torch.Tensor) -> Optional[int]:
     tensor whose ``(id, version)`` is unchanged still holds the values it held."""
     v = getattr(t, "_version", None)
     return v if isinstance(v, int) else None
+
+
+def _apply_probes() -> Optional[tuple]:
+    try:
+        from torch._functorch.utils import unwrap_dead_wrappers
+
+        active = torch._C._are_functorch_transforms_active
+    except (ImportError, AttributeError):
+        return None
+    return active, unwrap_dead_wrappers
+
+
+_APPLY = _apply_probes()
+
+
+def apply_function(cls: Any, *args: Any) -> Any:
+    """``cls.apply(*args)`` for an ``autograd.Function`` whose ``forward`` has no defaults."""
+    if _APPLY is None or _APPLY[0]():
+        return cls.apply(*args)
+    return super(torch.autograd.Function, cls).apply(*_APPLY[1](args))

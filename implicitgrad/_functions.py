@@ -21,6 +21,7 @@ import torch
 
 from ._compat import (
     add_legacy_batch_dim,
+    apply_function,
     host_readable,
     is_legacy_batched,
     is_wrapped,
@@ -96,7 +97,7 @@ def _solver(cond: Condition, options: Options, sink: SolveInfo, x, p, differenti
     nx = len(x)
 
     def solve(_lin, transpose: bool, b: List[torch.Tensor]) -> List[torch.Tensor]:
-        return list(LinearSolve.apply(cond, options, sink, transpose, nx, *x, *p, *b))
+        return list(apply_function(LinearSolve, cond, options, sink, transpose, nx, *x, *p, *b))
 
     return solve
 
@@ -187,7 +188,7 @@ class ImplicitSolve(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, cond, options, sink, carry, nx, *leaves):
         moved = _move_batch(leaves, in_dims[5:], info.batch_size)
-        out = ImplicitSolve.apply(cond.batched(moved[:nx]), options, sink, carry, nx, *moved)
+        out = apply_function(ImplicitSolve, cond.batched(moved[:nx]), options, sink, carry, nx, *moved)
         return out, (0,) * len(out)
 
 
@@ -213,7 +214,7 @@ class LinearSolve(torch.autograd.Function):
         cond, options, sink, transpose, nx = ctx.cond, ctx.options, ctx.sink, ctx.transpose, ctx.nx
         x, p, z = _split(ctx.saved_tensors, nx)
         needs = ctx.needs_input_grad[5:]
-        w = list(LinearSolve.apply(cond, options, sink, not transpose, nx, *x, *p, *z_bar))
+        w = list(apply_function(LinearSolve, cond, options, sink, not transpose, nx, *x, *p, *z_bar))
         gx, gp = linear_solve_vjp(cond, x, p, z, w, transpose, needs[:nx], needs[nx : len(needs) - nx])
         return (None,) * 5 + (*gx, *gp, *w)
 
@@ -224,12 +225,12 @@ class LinearSolve(torch.autograd.Function):
         x, p, z = _split(ctx.saved_tensors, nx)
         x_dot, p_dot, b_dot = _split(tangents, nx)
         rhs = linear_solve_jvp(cond, x, p, z, transpose, x_dot, p_dot, b_dot)
-        return tuple(LinearSolve.apply(cond, ctx.options, ctx.sink, transpose, nx, *x, *p, *rhs))
+        return tuple(apply_function(LinearSolve, cond, ctx.options, ctx.sink, transpose, nx, *x, *p, *rhs))
 
     @staticmethod
     def vmap(info, in_dims, cond, options, sink, transpose, nx, *leaves):
         moved = _move_batch(leaves, in_dims[5:], info.batch_size)
-        out = LinearSolve.apply(cond.batched(moved[:nx]), options, sink, transpose, nx, *moved)
+        out = apply_function(LinearSolve, cond.batched(moved[:nx]), options, sink, transpose, nx, *moved)
         return out, (0,) * len(out)
 
 

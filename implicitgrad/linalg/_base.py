@@ -456,12 +456,14 @@ def packing(leaves: Sequence[torch.Tensor], batch_ndim: int) -> Tuple[Callable[[
 
     def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(tensors) == 1:
-            return tensors[0].to(common).reshape(systems, sizes[0])
+            t = tensors[0]
+            return (t if t.dtype == common else t.to(common)).reshape(systems, sizes[0])
         return torch.cat([t.to(common).reshape(systems, n) for t, n in zip(tensors, sizes)], dim=1)
 
     def unpack(flat: torch.Tensor) -> Vector:
         if len(shapes) == 1:
-            return [flat.reshape(shapes[0]).to(dtypes[0])]
+            t = flat.reshape(shapes[0])
+            return [t if t.dtype == dtypes[0] else t.to(dtypes[0])]
         return [part.reshape(shape).to(dtype) for part, shape, dtype in zip(flat.split(sizes, dim=1), shapes, dtypes)]
 
     return pack, unpack
