@@ -24,9 +24,10 @@ The error is ``‖g − g_ref‖ / ‖g_ref‖`` against the float64 closed form
 TorchOpt and JAXopt compute ``b − A x₀`` before their loop, so ``K + 1``; the floor ``K``.
 
 Everything runs in one worker process (``python benchmarks/bench_tta.py --worker``), so
-that XLA's flags can be set before ``jax`` is imported: one torch thread, and XLA
-restricted to one thread (``XLA_FLAGS``, :data:`XLA_ONE_THREAD`); competitors are timed
-interleaved there, and the CPU time each call used is reported next to its wall time.
+that XLA's flags can be set before ``jax`` is imported: one torch thread, XLA asked for one
+(``XLA_FLAGS``, :data:`XLA_ONE_THREAD`), and the process pinned to one CPU, because those
+flags do not stop every thread XLA starts; competitors are timed interleaved there, and the
+CPU time each call used is reported next to its wall time.
 Before timing, JAXopt's hypergradient is compared with implicitgrad's in float64.
 """
 
@@ -86,7 +87,8 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--json", str(path), "--reps", str(reps),
                "--warmup", str(warmup), "--threads", str(threads)] + (["--quick"] if quick else [])
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=pin_to_one_cpu)
         tail: List[str] = []
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -96,6 +98,17 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
         if proc.wait() != 0:
             raise RuntimeError("the time-to-accuracy worker failed:\n" + "".join(tail))
         return json.loads(path.read_text())
+
+
+def pin_to_one_cpu() -> None:
+    """Confine the calling process (and every thread it will start) to one CPU.
+
+    XLA's flags do not stop every thread it starts (its runtime keeps pools of its own), so
+    matching "one thread" for torch and XLA is done by the operating system: the worker and
+    all its threads share one core. Without ``sched_setaffinity`` (not Linux) nothing changes.
+    """
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 
 
 # ---------------------------------------------------------------------------- problem
@@ -460,6 +473,7 @@ def worker(args) -> Dict[str, Any]:
     results: Dict[str, Any] = {
         "machine": machine_info(torch.device("cpu")),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": None, "notes": notes,
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "problem": f"logistic regression, {sizes[1]} per-feature L2 hyperparameters, n = {sizes[0]}, float32",
         "trajectory": {"steps": steps, "step": STEP, "measured_at": steps},
     }

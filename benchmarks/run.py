@@ -364,7 +364,8 @@ def _tta_tables(tta: Dict[str, Any], reps: int) -> Dict[str, Dict[str, Any]]:
             else "JAXopt not installed")
     check = jax_cmp["check"]
     notes = [f"{jax_cmp['description']}, float32, median of {reps} interleaved rounds in one worker process: "
-             f"torch threads 1, XLA_FLAGS='{tta['xla_flags']}' ({peer}). 'call' = forward returning the given "
+             f"torch threads 1, XLA_FLAGS='{tta['xla_flags']}' ({peer}), the process pinned to CPU(s) "
+             f"{tta.get('cpus')}. 'call' = forward returning the given "
              "solution + outer loss + hypergradient; 'backward' = the hypergradient alone (JAXopt: the jitted VJP "
              "of its solution map applied to ∂L/∂w*). CPU/wall: process CPU time over wall time of 5 calls (below 1 "
              "when other jobs share the cores).",

@@ -166,6 +166,8 @@ def test_time_to_accuracy_curves_and_plot(quick_run):
         assert "--xla_cpu_multi_thread_eigen=false" in tta["xla_flags"]
     else:
         assert any("JAXopt skipped" in note for note in tta["notes"])
+    if hasattr(os, "sched_setaffinity"):
+        assert len(tta["cpus"]) == 1  # torch and XLA share one core: threads matched by the OS
     png = out / "time_to_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Time to accuracy (logistic)" in stdout
