@@ -291,3 +291,19 @@ def test_jvp_of_the_approximate_modes_is_the_transpose_of_their_backward(mode):
         z_star = DEQ(cell, **tight())(x).detach()
         _, expected = torch.func.jvp(lambda xx: cell(z_star, xx), (x,), (xdot,))
         assert rel(zdot, expected) < 1e-12
+
+
+def test_a_plain_callable_linear_solver_is_accepted():
+    """A user's linear solver ``(matvec, b) -> x`` (here a dense solve built from products)."""
+
+    def dense(matvec, b):
+        n = b.numel()
+        cols = [matvec(e.reshape(b.shape)).reshape(-1) for e in torch.eye(n, dtype=b.dtype)]
+        return torch.linalg.solve(torch.stack(cols, 1), b.reshape(-1)).reshape(b.shape)
+
+    cell, x = Cell(), data().requires_grad_(True)
+    z = DEQ(cell, solver=ig.solvers.AndersonAcceleration(maxiter=500, tol=1e-13), linear_solver=dense)(x)
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
+    ours = torch.autograd.grad((z * v).sum(), [*cell.parameters(), x])
+    for a, e in zip(ours, dense_reference(cell, z, x, v)):
+        assert rel(a, e) < 1e-8

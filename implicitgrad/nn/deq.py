@@ -12,8 +12,9 @@ from torch.func import functional_call
 from .._api import fixed_point_solve
 from .._compat import is_wrapped
 from .._diagnostics import ON_FAILURE, SolveInfo
-from .._validation import check_count, check_fraction, check_positive_number
-from ..linalg import GMRES, LinearSolver
+from .._validation import check_count, check_fraction, check_linear_solver, check_positive_number
+from ..linalg import GMRES
+from ..linalg._base import LinearSolverLike
 from ..solvers import AndersonAcceleration
 from ..solvers._base import SolverStats
 
@@ -121,7 +122,9 @@ class DEQ(nn.Module):
         solver: the forward solver; a built-in ``ig.solvers`` solver with per-problem
             stopping (``per_system``: Anderson, fixed-point iteration) or any
             ``solver(fn, z0, x, params) -> z`` (then without per-sample stopping).
-        linear_solver: the implicit backward's linear solver (default ``ig.GMRES()``).
+        linear_solver: the implicit backward's linear solver (default ``ig.GMRES()``): an
+            instance, or a plain callable ``linear_solver(matvec, b)`` returning ``x`` or
+            ``(x, info)`` (as :func:`~implicitgrad.fixed_point_solve` accepts).
         backward: ``"implicit"``, ``"phantom"`` or ``"jacobian_free"``.
         phantom_steps: :math:`k`, the steps of the phantom gradient.
         phantom_damping: :math:`\tau \in (0, 1]`.
@@ -165,7 +168,7 @@ class DEQ(nn.Module):
         self,
         f: nn.Module,
         solver: Optional[Callable[..., Any]] = None,
-        linear_solver: Optional[LinearSolver] = None,
+        linear_solver: Optional[LinearSolverLike] = None,
         backward: str = "implicit",
         *,
         phantom_steps: int = 5,
@@ -180,9 +183,7 @@ class DEQ(nn.Module):
                             "in a Module that holds its parameters.")
         if solver is not None and not callable(solver):
             raise TypeError("DEQ: solver must be callable, e.g. ig.solvers.AndersonAcceleration().")
-        if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
-            raise TypeError(f"DEQ: linear_solver must be an ig linear solver such as ig.GMRES(), got "
-                            f"{type(linear_solver).__name__}.")
+        check_linear_solver(linear_solver, "DEQ", example="ig.GMRES()")
         if backward not in BACKWARDS:
             raise ValueError(f"DEQ: backward must be one of {BACKWARDS}, got {backward!r}.")
         if on_failure not in ON_FAILURE:
