@@ -19,17 +19,16 @@ Cases:
 * ``root`` — the transposed Jacobian of ``F(x) = x + ½ tanh(W x) − θ`` with 2,000
   unknowns and a dense ``W`` (GMRES, BiCGStab).
 
-Two more measurements sit beside the cases (keys ``floor`` and ``normal_equations`` of the
-section's results):
+On the three non-symmetric cases, GMRES is also timed against the least any Arnoldi
+process costs in eager PyTorch (key ``arnoldi_floor`` of the case): a loop of the same
+products, each followed only by the two Gram-Schmidt passes, the normalisation and the
+store into the basis (no rotations, no checks, no packing).
 
-* ``floor`` — on the three non-symmetric cases, GMRES against the least any Arnoldi step
-  costs in eager PyTorch: a loop of the same products, each followed only by the two
-  Gram-Schmidt passes, the normalisation and the store into the basis (no rotations, no
-  checks), and against the bare products;
-* ``normal_equations`` — the backward pass of ``root_solve`` / ``fixed_point_solve`` with
-  ``ig.CGNR`` against GMRES and BiCGStab, on a Jacobian close to an orthogonal matrix
-  (``F(x) = Q x + 0.3 tanh(W x) − θ``: eigenvalues around the unit circle, singular values
-  near 1) and on the DEQ and root problems (well-conditioned, eigenvalues near 1).
+Beside the cases, the key ``normal_equations`` of the section's results holds the
+backward pass of ``root_solve`` / ``fixed_point_solve`` with ``ig.CGNR`` against GMRES and
+BiCGStab, on a Jacobian close to an orthogonal matrix (``F(x) = Q x + 0.3 tanh(W x) − θ``:
+eigenvalues around the unit circle, singular values near 1) and on the DEQ and root
+problems (well-conditioned, eigenvalues near 1).
 """
 
 from __future__ import annotations
@@ -128,27 +127,38 @@ def measure(case: Dict[str, Any], reps: int, warmup: int, device) -> Dict[str, A
     for name, solver in case["solvers"].items():
         impls.append(Impl(name, lambda: None, lambda _s, solver=solver: solver(matvec, rhs, batch_ndim=batch_ndim)))
         impls.append(Impl(f"{name} matvecs", lambda: None, lambda _s, k=iterations[name]: bare(k)))
+    pairs = [(name, f"{name} matvecs") for name in case["solvers"]]
+    if "GMRES" in case["solvers"]:
+        arnoldi = arnoldi_floor(case, iterations["GMRES"])
+        impls.append(Impl("Arnoldi floor", lambda: None, lambda _s: arnoldi()))
+        pairs += [("Arnoldi floor", "GMRES matvecs"), ("GMRES", "Arnoldi floor")]
     times = interleaved(impls, reps=reps, warmup=warmup, device=device)
-    summary = summarize(times, [(name, f"{name} matvecs") for name in case["solvers"]])
+    summary = summarize(times, pairs)
     # Solutions to 1e-8 agree to about the condition number times that.
     check = agreement(solutions, 1e-5)
     check["statuses"] = statuses
     check["ok"] = check["ok"] and all(s == "converged" for s in statuses.values())
     per_iteration = {name: summary["median_s"][name] / iterations[name] for name in case["solvers"]}
     per_matvec = {name: summary["median_s"][f"{name} matvecs"] / iterations[name] for name in case["solvers"]}
-    return {
+    out = {
         "description": case["description"], "unknowns": case["unknowns"], "batch_ndim": batch_ndim,
         "iterations": iterations, "per_iteration_s": per_iteration, "per_matvec_s": per_matvec,
         "overhead": {name: summary["ratios"][f"{name}/{name} matvecs"] for name in case["solvers"]},
         "check": check, "times_s": times, **summary,
     }
+    if "GMRES" in case["solvers"]:
+        out["arnoldi_floor"] = {"products": iterations["GMRES"],
+                                "over_matvecs": summary["ratios"]["Arnoldi floor/GMRES matvecs"],
+                                "gmres_over_floor": summary["ratios"]["GMRES/Arnoldi floor"]}
+    return out
 
 
 def arnoldi_floor(case: Dict[str, Any], steps: int) -> Callable[[], None]:
     """The least an Arnoldi process of ``steps`` products costs in eager PyTorch: each
     product followed by two classical Gram-Schmidt passes (two block products with the
     basis each), the normalisation and the store into the basis, then one product for the
-    final residual. No rotations, no convergence checks, no packing."""
+    final residual (``steps`` products in all, as GMRES counts them). No rotations, no
+    convergence checks, no packing."""
     matvec, rhs = case["matvec"], case["rhs"]
     systems = rhs.shape[0] if case["batch_ndim"] else 1
     flat = rhs.reshape(systems, -1)
@@ -157,7 +167,7 @@ def arnoldi_floor(case: Dict[str, Any], steps: int) -> Callable[[], None]:
         basis = flat.new_empty(systems, steps, flat.shape[1])
         vector = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True)
         basis[:, 0] = vector
-        for j in range(steps - 2):
+        for j in range(steps - 1):
             w = matvec(vector.reshape(rhs.shape)).reshape(systems, 1, -1)
             known = basis[:, : j + 1]
             h = torch.bmm(w, known.mT)
@@ -169,29 +179,6 @@ def arnoldi_floor(case: Dict[str, Any], steps: int) -> Callable[[], None]:
         matvec(vector.reshape(rhs.shape))
 
     return run
-
-
-def floor(quick: bool, reps: int, warmup: int, device) -> Dict[str, Any]:
-    """GMRES, the Arnoldi floor and the bare products, interleaved, on each non-symmetric case."""
-    builders = {"deq": lambda: deq_case(device, batched=False), "deq_batched": lambda: deq_case(device, batched=True),
-                "root": lambda: root_case(quick, device)}
-    return {key: floor_case(build(), reps, warmup, device) for key, build in builders.items()}
-
-
-def floor_case(case: Dict[str, Any], reps: int, warmup: int, device) -> Dict[str, Any]:
-    matvec, rhs, batch_ndim = case["matvec"], case["rhs"], case["batch_ndim"]
-    solver = ig.GMRES(maxiter=2000, tol=TOL)
-    _, info = solver(matvec, rhs, batch_ndim=batch_ndim)
-    k = info.iterations
-    inputs = [torch.randn(rhs.shape, generator=torch.Generator().manual_seed(i), dtype=DT).to(device)
-              for i in range(k)]
-    arnoldi = arnoldi_floor(case, k)
-    impls = [Impl("GMRES", lambda: None, lambda _s: solver(matvec, rhs, batch_ndim=batch_ndim)),
-             Impl("floor", lambda: None, lambda _s: arnoldi()),
-             Impl("matvecs", lambda: None, lambda _s: [matvec(v) for v in inputs])]
-    times = interleaved(impls, reps=reps, warmup=warmup, device=device)
-    summary = summarize(times, [("GMRES", "matvecs"), ("floor", "matvecs"), ("GMRES", "floor")])
-    return {"description": case["description"], "products": k, "times_s": times, **summary}
 
 
 def rotation_problem(quick: bool, device):
@@ -314,11 +301,8 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
             progress(f"krylov: {key}")
         cases[key] = measure(build(), reps, warmup, device)
     if progress:
-        progress("krylov: Arnoldi floor")
-    floors = floor(quick, reps, warmup, device)
-    if progress:
         progress("krylov: normal equations (CGNR)")
-    return {"tol": TOL, "dtype": str(DT), "cases": cases, "floor": floors,
+    return {"tol": TOL, "dtype": str(DT), "cases": cases,
             "normal_equations": normal_equations(quick, reps, warmup, device)}
 
 
@@ -391,12 +375,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"({c['iterations']['after']} products); solve time after / before "
                   f"{c['median_s']['after'] / c['median_s']['before']:.2f}")
     if args.floor:
-        for key, res in floor(args.quick, args.reps, args.warmup, device).items():
-            r = res["ratios"]
-            print(f"{key} ({res['products']} products): GMRES / matvecs {r['GMRES/matvecs']:.2f}, "
-                  f"floor / matvecs {r['floor/matvecs']:.2f}, GMRES / floor {r['GMRES/floor']:.2f} "
-                  f"(medians: GMRES {1e3 * res['median_s']['GMRES']:.2f} ms, floor {1e3 * res['median_s']['floor']:.2f}"
-                  f" ms, matvecs {1e3 * res['median_s']['matvecs']:.2f} ms)")
+        for key, case in (("deq", deq_case(device, batched=False)), ("deq_batched", deq_case(device, batched=True)),
+                          ("root", root_case(args.quick, device))):
+            case["solvers"] = {"GMRES": ig.GMRES(maxiter=2000, tol=TOL)}
+            c = measure(case, args.reps, args.warmup, device)
+            fl, med = c["arnoldi_floor"], c["median_s"]
+            print(f"{key} ({fl['products']} products): GMRES / matvecs {c['overhead']['GMRES']:.2f}, "
+                  f"Arnoldi floor / matvecs {fl['over_matvecs']:.2f}, GMRES / floor {fl['gmres_over_floor']:.2f} "
+                  f"(medians: GMRES {1e3 * med['GMRES']:.2f} ms, floor {1e3 * med['Arnoldi floor']:.2f} ms, "
+                  f"matvecs {1e3 * med['GMRES matvecs']:.2f} ms)")
     if args.cgnr:
         _print_races(normal_equations(args.quick, args.reps, args.warmup, device))
 
