@@ -52,6 +52,7 @@ import numpy
 import torch
 from _timing import Impl, agreement, interleaved, machine_info, summarize
 from bench_backward import TINY_TOL, LogisticCase, _given, _logistic64
+from bench_warm import warm_start_supported
 
 import implicitgrad as ig
 from implicitgrad.testing.problems import logistic_solution
@@ -206,26 +207,23 @@ def jaxopt_functions(K: int):
     return jax.jit(call), jax.jit(backward), jax.jit(products)
 
 
-def jax_arrays(case, theta=None):
+def jax_arrays(case):
     """``(θ, w*, X, y, X_val, y_val)`` of a logistic case as jax arrays of its dtype."""
     import jax.numpy as jnp
 
-    tensors = [theta if theta is not None else case.theta[0], case.x_star[0], case.X, case.y, case.X_val, case.y_val]
+    tensors = [case.theta[0], case.x_star[0], case.X, case.y, case.X_val, case.y_val]
     return tuple(jnp.asarray(t.detach().cpu().numpy()) for t in tensors)
 
 
-def jax_impls(case, K: int):
+def jax_impls(case, K: int) -> List[Impl]:
+    """JAXopt's call, backward (given ``v = ∂L/∂w*``, computed untimed) and bare products at ``K``."""
+    import jax
+    import jax.numpy as jnp
+
     call, backward, products = jaxopt_functions(K)
     args = jax_arrays(case)
     p = args[1] / numpy.linalg.norm(numpy.asarray(args[1]))
-
-    def v_of(a):
-        import jax
-        import jax.numpy as jnp
-
-        return jax.grad(lambda w: jnp.mean(jax.nn.softplus(-a[5] * (a[4] @ w))))(a[1])
-
-    v = v_of(args)
+    v = jax.grad(lambda w: jnp.mean(jax.nn.softplus(-args[5] * (args[4] @ w))))(args[1])
     return [Impl("JAXopt call", lambda: args, lambda a: call(*a).block_until_ready()),
             Impl("JAXopt backward", lambda: (args[:4], v), lambda s: backward(*s[0], s[1]).block_until_ready()),
             Impl("JAXopt products", lambda: (args[:4], p), lambda s: products(*s[0], s[1]).block_until_ready())]
@@ -258,10 +256,6 @@ def compile_supported() -> bool:
     return "compile" in inspect.signature(ig.CG).parameters
 
 
-def warm_supported() -> bool:
-    return hasattr(ig, "WarmStart") and "warm_start" in inspect.signature(ig.implicit_solve).parameters
-
-
 def compiled_linear(K: int):
     return ig.CG(maxiter=K, tol=TINY_TOL, compile=True)
 
@@ -292,7 +286,7 @@ def method_impls(cases: Sequence[Any], K: int, jax_ok: bool, compiled: bool) -> 
     grad = last.run_ig_call(last.setup_params())[0]
     out["implicitgrad cold"] = (Impl("implicitgrad cold", last.setup_params, last.run_ig_call), grad,
                                 backward_iterations(last))
-    if warm_supported():
+    if warm_start_supported():
         ws = warm_state(cases)
         grad = last.run_ig_call(last.setup_params(), warm_start=copy.deepcopy(ws))[0]
         products = backward_iterations(last, warm_start=copy.deepcopy(ws)) + 1  # + the initial residual
@@ -462,7 +456,7 @@ def worker(args) -> Dict[str, Any]:
     notes = [] if jax_ok else [f"JAXopt skipped: {reason}."]
     if not compile_supported():
         notes.append("implicitgrad compiled skipped: ig.CG has no compile option in this version.")
-    if not warm_supported():
+    if not warm_start_supported():
         notes.append("implicitgrad warm skipped: ig.WarmStart / implicit_solve(warm_start=...) absent in this version.")
     for note in notes:
         say(note)
