@@ -321,6 +321,23 @@ def test_cgnr_transpose_from_rmatvec_or_from_autograd():
         ig.CGNR()(lambda v: A @ v, b, rmatvec="A.T")
 
 
+def test_cgnr_inside_a_product_does_not_take_the_outer_transpose():
+    """A CGNR solve run by a product of another CGNR solve derives its own Aᵀ."""
+    A = nonsymmetric_matrix(12, 5.0, seed=43)
+    B = nonsymmetric_matrix(7, 5.0, seed=44)
+    inner = []
+
+    def matvec(v):
+        y, _ = ig.CGNR(maxiter=200)(lambda u: B @ u, torch.ones(7, dtype=DT))
+        inner.append(rel_err(y, torch.linalg.solve(B, torch.ones(7, dtype=DT))))
+        return A @ v
+
+    b = torch.ones(12, dtype=DT)
+    x, info = ig.CGNR(maxiter=200)(matvec, b, rmatvec=lambda u: A.T @ u)
+    assert info.converged and rel_err(x, torch.linalg.solve(A, b)) <= 1e-9
+    assert inner and max(inner) <= 1e-9
+
+
 def test_cgnr_budget_counts_both_products():
     A = nonsymmetric_matrix(60, 1e3, seed=2)
     b = torch.ones(60, dtype=DT)

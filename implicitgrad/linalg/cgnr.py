@@ -24,12 +24,19 @@ _TRANSPOSE: contextvars.ContextVar[Optional[Matvec]] = contextvars.ContextVar(
 def transposed_product(rmatvec: Optional[Matvec]) -> Iterator[None]:
     """Within the block, a solver that needs ``Aᵀ`` (``needs_transpose``) uses ``rmatvec``
     (on flat lists of leaves, computed in the products' dtype); ``None`` changes nothing."""
-    token = _TRANSPOSE.set(rmatvec) if rmatvec is not None else None
+    with contextlib.ExitStack() as stack:
+        if rmatvec is not None:
+            stack.enter_context(_holding(rmatvec))
+        yield
+
+
+@contextlib.contextmanager
+def _holding(rmatvec: Optional[Matvec]) -> Iterator[None]:
+    token = _TRANSPOSE.set(rmatvec)
     try:
         yield
     finally:
-        if token is not None:
-            _TRANSPOSE.reset(token)
+        _TRANSPOSE.reset(token)
 
 
 class CGNR(IterativeSolver):
@@ -127,8 +134,14 @@ class CGNR(IterativeSolver):
         batch_ndim: int = 0,
         layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
-        tol, every = self._tolerances(b)
         rmatvec = _transpose_of(matvec, b)
+        # A solver inside this solve's products must not take its Aᵀ.
+        with _holding(None):
+            return self._iterate(matvec, rmatvec, b, init, batch_ndim)
+
+    def _iterate(self, matvec: Matvec, rmatvec: Matvec, b: Vector, init: Optional[Vector],
+                 batch_ndim: int) -> Tuple[Vector, LinearSolveInfo]:
+        tol, every = self._tolerances(b)
         system = Packed(matvec, b, init, batch_ndim, tol)
         op, rhs, x, r, r_norm, used = system.op, system.rhs, system.x, system.r, system.r_norm, system.used
         threshold, nonfinite, done = system.threshold, system.nonfinite, system.done
