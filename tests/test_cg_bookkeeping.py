@@ -120,3 +120,14 @@ def test_preconditioned_and_warm_started_solves_agree(monkeypatch):
     host, device = _both(monkeypatch, solve)
     _agree(host, device)
     assert host[1].converged
+
+
+def test_rounding_noise_below_an_unreachable_tol_is_not_divergence(monkeypatch):
+    # tol = 1e-30 cannot be met in float64: CG reaches rounding level, where the residual
+    # fluctuates by orders of magnitude; that is not divergence, and all products are spent.
+    # (This system stopped as "diverging" after 102 products before rounding noise was told apart.)
+    a, b = _spd(30, 0, cond=1e3), _rhs(30, 3)
+    host, device = _both(monkeypatch, lambda: ig.CG(maxiter=200, tol=1e-30, check_every=1)(lambda v: a @ v, b))
+    for x, info in (host, device):
+        assert info.status == "max_iterations" and info.iterations == 200
+        torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-11, atol=1e-13)

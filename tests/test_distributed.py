@@ -344,14 +344,15 @@ def test_communication_per_hypergradient(ranks):
     n_x = DIM + 1
     backward = [n for n, _ in hyper["backward_log"]]
     # The validation wrapper's first-call check of x* (3 numbers per leaf, twice), the validation
-    # value, ∂val/∂x*, then the linearisation's value and ∇ₓf, one product per CG iteration and
-    # the VJP in the replicated hyperparameters that need a gradient, θ and the scale together
-    # (θ's part is zero: it only enters the regulariser, computed on every rank).
+    # value, ∂val/∂x*, one product per CG iteration and the VJP in the replicated hyperparameters
+    # that need a gradient, θ and the scale together (θ's part is zero: it only enters the
+    # regulariser, computed on every rank). The linearisation's value and ∇ₓf are not evaluated
+    # again: the backward pass reuses the graph of the forward check (its last [1, n_x] below).
     iterations = hyper["info"]["backward_iterations"]
-    assert backward == [6 * 2, 1, n_x, 1, n_x] + [n_x] * iterations + [DIM + 1]
+    assert backward == [6 * 2, 1, n_x] + [n_x] * iterations + [DIM + 1]
     assert all(b == 8 * n for n, b in hyper["backward_log"])
     # Forward: the one-off check (x's 2 leaves, θ and the scale), then a value and a gradient
-    # per L-BFGS evaluation and per residual of the forward check.
+    # per L-BFGS evaluation and for the forward check at x* (whose graph the backward reuses).
     forward = [n for n, _ in hyper["forward_log"]]
     assert forward[0] == 6 * 4
     assert forward[1:] == [1, n_x] * (len(forward[1:]) // 2)

@@ -22,6 +22,8 @@ from ._recycle import current as current_recycler
 
 #: A residual above this multiple of the best one met so far stops CG as diverging.
 DIVERGENCE_FACTOR = 1e2
+#: Residuals below this multiple of ε‖b‖ are rounding noise: their growth is not divergence.
+ROUNDING_FACTOR = 1e2
 
 
 class CG(SymmetricIterativeSolver):
@@ -84,7 +86,9 @@ class CG(SymmetricIterativeSolver):
       residual can exceed its best by at most :math:`\sqrt{\kappa}`: the rule never fires
       for :math:`\kappa \le 10^4`, and when it fires ``A`` is indefinite or very badly
       conditioned (then the residual can stay above ``‖b‖`` for many steps while the
-      error still decreases: precondition or damp such a matrix).
+      error still decreases: precondition or damp such a matrix). Residuals below rounding
+      level, ``1e2·ε·‖b‖``, fluctuate without meaning: their growth is not counted (a
+      ``tol`` below that level runs to ``maxiter``).
 
     In a batch only the affected system stops; the others go on. For a symmetric
     indefinite ``A`` use :class:`~implicitgrad.MINRES`.
@@ -181,7 +185,9 @@ class CG(SymmetricIterativeSolver):
         rz = vecdot(r, z)
         rr = rz if plain else vecdot(r, r)  # squared residual norms, per system
         host = every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
-        book: _Book = _HostBook(x, rr, rz, tol**2 * bb) if host else _DeviceBook(x, rr, rz, tol**2 * bb, every == 1)
+        floor2 = (ROUNDING_FACTOR * torch.finfo(working_dtype(rhs.dtype)).eps) ** 2 * bb
+        book: _Book = (_HostBook(x, rr, rz, tol**2 * bb, floor2) if host
+                       else _DeviceBook(x, rr, rz, tol**2 * bb, floor2, every == 1))
         status, used, step, p_index = None, 0, 0, 1  # p_index: the iteration whose direction p is
         ap = p
         finished = book.all_done()
@@ -294,10 +300,10 @@ class _HostBook(_Book):
     non-positive curvature gets its previous ``x``, ``r``, ``z`` back: the step is not taken.
     """
 
-    def __init__(self, x, rr, rz, threshold2):
+    def __init__(self, x, rr, rz, threshold2, floor2):
         self.like = rr
-        rr_l, rz_l, thr_l = torch.stack([rr, rz, threshold2]).tolist()
-        self.rr, self.rz, self.threshold2 = rr_l, rz_l, thr_l
+        rr_l, rz_l, thr_l, floor_l = torch.stack([rr, rz, threshold2, floor2]).tolist()
+        self.rr, self.rz, self.threshold2, self.floor2 = rr_l, rz_l, thr_l, floor_l
         self.rz_t = rz
         n = len(rr_l)
         self.best_x, self.best_rr = x, list(rr_l)
@@ -352,7 +358,7 @@ class _HostBook(_Book):
                 self.done[i] = self.nonfinite = membership = True
                 self.current[i] = False
                 continue
-            if v > DIVERGENCE_FACTOR**2 * self.best_rr[i]:
+            if v > DIVERGENCE_FACTOR**2 * self.best_rr[i] and v > self.floor2[i]:
                 self.grew[i] = self.diverged[i] = self.done[i] = membership = True
             if v < self.best_rr[i]:
                 self.best_rr[i], improved[i] = v, True
@@ -415,9 +421,9 @@ class _HostBook(_Book):
 class _DeviceBook(_Book):
     """Per-system scalars as tensors on the device, read every ``check_every`` iterations."""
 
-    def __init__(self, x, rr, rz, threshold2, every_one: bool = False):
+    def __init__(self, x, rr, rz, threshold2, floor2, every_one: bool = False):
         self.every_one = every_one
-        self.threshold2 = threshold2
+        self.threshold2, self.floor2 = threshold2, floor2
         self.rr, self.rz = rr, rz
         self.best_x, self.best_rr = x, rr
         self.done = rr <= threshold2
@@ -443,7 +449,7 @@ class _DeviceBook(_Book):
 
     def after_step(self, step, old, new, rr, rz, check):
         x = new[0]
-        self.grew = self.active & (rr > DIVERGENCE_FACTOR**2 * self.best_rr)
+        self.grew = self.active & (rr > DIVERGENCE_FACTOR**2 * self.best_rr) & (rr > self.floor2)
         self.diverged = self.diverged | self.grew
         improved = rr < self.best_rr
         self.best_rr = torch.where(improved, rr, self.best_rr)
