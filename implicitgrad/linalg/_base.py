@@ -370,6 +370,8 @@ def propagate_nonfinite(
     product ``A x`` hold NaN/Inf get NaN (all of them if none can be told apart).
     """
     if info.status is not Status.NONFINITE and math.isfinite(info.residual):
+        if all(host_readable(t) for t in b) and all_finite(b):
+            return x  # the common case: nothing to poison, one read
         return poison(x, nonfinite_systems(None, b, None, batch_ndim), batch_ndim)
     bad = nonfinite_systems(matvec, b, x, batch_ndim)
     if not bool(bad.any()):
