@@ -26,7 +26,7 @@ class Status(str, enum.Enum):
     ``singular``                  A is (numerically) singular and b is not in its range
     ``diverging``                 CG: the residual grew far above its best value
     ``diverged``                  Neumann: the series grew: ``ρ(I − αA) ≥ 1``
-    ``breakdown``                 GMRES, MINRES, BiCGStab could not extend their space
+    ``breakdown``                 GMRES, MINRES, BiCGStab, CGNR cannot extend their space
     ``preconditioner_not_spd``    MINRES: the preconditioner is not positive definite
     ``ill_conditioned``           Exact: the factorisation lost accuracy on a regular matrix
     ``nonfinite``                 NaN/Inf met in the data or the iterates
@@ -165,6 +165,12 @@ MESSAGES: Dict[Union[Status, Tuple[str, Status]], str] = {
         "BiCGStab broke down at relative residual {res:.2e} (tol={tol:.1e}): ρ = ⟨r̂₀, r⟩ ≈ 0 "
         "or ⟨r̂₀, A p̂⟩ ≈ 0 (the shadow residual became orthogonal to the Krylov vectors) or ω ≈ 0 "
         "(the stabilising step stagnated). Use GMRES, which does not break down on a non-singular matrix."
+    ),
+    ("CGNR", Status.BREAKDOWN): (
+        "CGNR broke down at relative residual {res:.2e} (tol={tol:.1e}): Aᵀr vanished while r "
+        "did not, so the returned x is a least-squares solution of a singular (or nearly "
+        "singular) system whose right-hand side is not in the range of A. Solve the inner "
+        "problem further (a Jacobian that is singular at x), or regularise it."
     ),
     ("Exact", Status.SINGULAR): (
         "The matrix is numerically singular (smallest singular value at most n·ε times the "
