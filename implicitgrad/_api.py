@@ -77,8 +77,11 @@ def implicit_solve(
 
     so the backward pass is one linear solve with Hessian-vector products (``H`` is
     symmetric: :class:`CG` fits) and one vector-Jacobian product — independent of the path
-    the solver took and of its number of iterations. Forward mode (``torch.func.jvp``)
-    solves :math:`H \dot x = -B \dot\theta`. The error of the result is linear in
+    the solver took and of its number of iterations. The forward pass measures
+    :math:`\nabla_x f` at the solution for its convergence check; when a backward pass can
+    follow, it builds that gradient with its graph, which the first backward pass reuses
+    (the memory of one evaluation of :math:`\nabla_x f`, held until then). Forward mode
+    (``torch.func.jvp``) solves :math:`H \dot x = -B \dot\theta`. The error of the result is linear in
     :math:`\|\nabla_x f(x, \theta)\|` at the returned ``x``, which is measured and reported.
 
     Args:
