@@ -439,7 +439,7 @@ class _Checked:
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.seen: collections.OrderedDict[int, Tuple[weakref.ref, int]] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[int, Tuple[weakref.ref[torch.Tensor], int]] = collections.OrderedDict()
 
     def holds(self, t: torch.Tensor) -> bool:
         entry = self.seen.get(id(t))

@@ -74,7 +74,7 @@ def _fixed_hypergradient(cond: Condition, maxiter: int, damping: float, p_needs:
                 p[i] = t
             return p
 
-        _, vjp_fn = torch.func.vjp(lambda xs, ps: cond(list(xs), merge(ps)), list(x), list(pn))
+        vjp_fn = torch.func.vjp(lambda xs, ps: cond(list(xs), merge(ps)), list(x), list(pn))[1]
         pack, unpack = packing(v, n)
         b = pack(v)
 

@@ -21,7 +21,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,7 +34,7 @@ Tensors = Sequence[torch.Tensor]
 
 
 def root_vjp(cond: Condition, x: Tensors, p: Tensors, v: Tensors, p_needs: Sequence[bool],
-             solve: Solve, differentiable: bool, lin: Optional[object] = None) -> List[Optional[torch.Tensor]]:
+             solve: Solve, differentiable: bool, lin: Optional[Any] = None) -> List[Optional[torch.Tensor]]:
     """``−(∂_θF)ᵀ (∂ₓF)⁻ᵀ v`` for the parameters in ``p_needs`` (``None`` for the others);
     ``lin``: a linearisation at ``(x, θ)`` already built (by the forward check), if any."""
     if lin is None:

@@ -16,7 +16,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -421,10 +421,14 @@ def run_linear_solver(
     return x, dataclasses.replace(worst, iterations=sum(info.iterations for info in infos))
 
 
-@functools.cache
-def _flat_signature(cls: type) -> bool:
-    """Whether a solver class implements the older flat ``solve(..., spec)``."""
-    return "spec" in inspect.signature(cls.solve).parameters
+_FLAT: Dict[type[LinearSolver], bool] = {}
+
+
+def _flat_signature(cls: type[LinearSolver]) -> bool:
+    """Whether a solver class implements the older flat ``solve(..., spec)`` (cached per class)."""
+    if cls not in _FLAT:
+        _FLAT[cls] = "spec" in inspect.signature(cls.solve).parameters
+    return _FLAT[cls]
 
 
 def _run_callable(solver: Callable, matvec: Matvec, b: Vector, layout: PytreeLayout) -> Tuple[Vector, LinearSolveInfo]:

@@ -186,7 +186,7 @@ class CG(SymmetricIterativeSolver):
         rr = rz if plain else vecdot(r, r)  # squared residual norms, per system
         host = every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
         floor2 = (ROUNDING_FACTOR * torch.finfo(working_dtype(rhs.dtype)).eps) ** 2 * bb
-        book: _Book = (_HostBook(x, rr, rz, tol**2 * bb, floor2) if host
+        book: Union[_HostBook, _DeviceBook] = (_HostBook(x, rr, rz, tol**2 * bb, floor2) if host
                        else _DeviceBook(x, rr, rz, tol**2 * bb, floor2, every == 1))
         status, used, step, p_index = None, 0, 0, 1  # p_index: the iteration whose direction p is
         ap = p

@@ -224,7 +224,10 @@ def check_hypergradient(
     flat, spec, names, wrt = _parameter_leaves(params, dtype)
     takes_params = outer_takes_params(outer, len(params))
     if solver is None:
-        solver = _FORMS[kind].default_solver()
+        default_solver = _FORMS[kind].default_solver
+        if default_solver is None:  # refused with its message by the settings check above
+            raise ValueError(f"kind={kind!r} needs a solver.")
+        solver = default_solver()
     linear_described = repr(linear_solver)
     if linear_solver is None:
         linear_solver = _default_linear_solver(kind, objective, x0, params)
