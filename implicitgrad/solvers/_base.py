@@ -152,6 +152,20 @@ def where_leaves(mask: torch.Tensor, a: List[torch.Tensor], b: List[torch.Tensor
     return [torch.where(mask.reshape(mask.shape + (1,) * (ai.ndim - mask.ndim)), ai, bi) for ai, bi in zip(a, b)]
 
 
+def threshold_stats(best_norm: torch.Tensor, threshold: torch.Tensor, tol: float, iterations: int,
+                    batch_ndim: int, quantity: str, detail: str) -> SolverStats:
+    """The :class:`SolverStats` of a per-problem solver that stops when ``best_norm ≤ threshold``
+    (``threshold = tol · scale`` per problem); ``quantity`` and ``detail`` word the message."""
+    failed = ~(best_norm <= threshold)
+    converged = not bool(failed.any())
+    message = ""
+    if not converged:
+        worst = float((best_norm / threshold * tol).max())
+        where = f" in {int(failed.sum())} of {failed.numel()} problems" if batch_ndim else ""
+        message = f"relative {quantity} {worst:.3e} above tol={tol:.1e}{where} {detail}"
+    return SolverStats(iterations, float(best_norm.square().sum().sqrt()), converged, message)
+
+
 def batch_stats(best_norm: torch.Tensor, initial_norm: torch.Tensor, tol: float, iterations: int,
                 batch_ndim: int, detail: str) -> SolverStats:
     """The :class:`SolverStats` of a per-problem gradient method that returns its best points.

@@ -9,7 +9,7 @@ import torch
 from .._tree import tree_flatten
 from .._validation import check_fraction, check_nonnegative
 from ..linalg._base import check_interval
-from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x
+from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x, threshold_stats
 
 __all__ = ["AndersonAcceleration"]
 
@@ -145,15 +145,9 @@ class AndersonAcceleration(InnerSolver):
         if tol == 0:
             return rebuild(unflatten(x)), SolverStats(k, float("nan"), None, "")
         best_norm, threshold = cast(torch.Tensor, best_norm), cast(torch.Tensor, threshold)
-        failed = ~(best_norm <= threshold)
-        converged = not bool(failed.any())
-        message = ""
-        if not converged:
-            worst = float((best_norm / threshold * tol).max())
-            where = f" in {int(failed.sum())} of {failed.numel()} problems" if batch_ndim else ""
-            message = (f"relative fixed-point residual {worst:.3e} above tol={tol:.1e}{where} after {k} "
-                       f"steps (memory={self.memory}, damping={beta})")
-        return rebuild(unflatten(best)), SolverStats(k, float(best_norm.square().sum().sqrt()), converged, message)
+        stats = threshold_stats(best_norm, threshold, tol, k, batch_ndim, "fixed-point residual",
+                                f"after {k} steps (memory={self.memory}, damping={beta})")
+        return rebuild(unflatten(best)), stats
 
 
 def _mix(xs: torch.Tensor, ts: torch.Tensor, beta: float, ridge: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from .._tree import tree_flatten
 from ..linalg._base import check_interval
-from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x
+from ._base import InnerSolver, SolverStats, check_positive, check_tol, default_tol, flatten_x, threshold_stats
 from .anderson import _flattener
 
 __all__ = ["Broyden"]
@@ -171,15 +171,10 @@ class Broyden(InnerSolver):
             best_norm = torch.where(improved, norm, best_norm)
         if tol == 0:
             return rebuild(unflatten(best)), SolverStats(k, float(best_norm.square().sum().sqrt()), None, "")
-        failed = ~(best_norm <= threshold)
-        converged = not bool(failed.any())
-        message = ""
-        if not converged:
-            worst = float((best_norm / threshold * tol).max())
-            where = f" in {int(failed.sum())} of {failed.numel()} problems" if batch_ndim else ""
-            message = (f"relative {'fixed-point ' if fixed_point else ''}residual {worst:.3e} above tol={tol:.1e}"
-                       f"{where} after {k} evaluations (memory={self.memory})")
-        return rebuild(unflatten(best)), SolverStats(k, float(best_norm.square().sum().sqrt()), converged, message)
+        stats = threshold_stats(best_norm, threshold, tol, k, batch_ndim,
+                                f"{'fixed-point ' if fixed_point else ''}residual",
+                                f"after {k} evaluations (memory={self.memory})")
+        return rebuild(unflatten(best)), stats
 
 
 def _apply(U: torch.Tensor, V: torch.Tensor, y: torch.Tensor, pairs: int) -> torch.Tensor:
