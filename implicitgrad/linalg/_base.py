@@ -8,15 +8,14 @@ batch of block-diagonal systems with per-system step sizes and convergence masks
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
 import inspect
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -27,6 +26,7 @@ from .._status import Status
 from .._tree import TreeSpec, tree_flatten, tree_unflatten
 from .._validation import check_count, check_nonnegative, check_tol
 from ._recycle import recycling
+from ._scoped import scoped
 
 Vector = List[torch.Tensor]
 Matvec = Callable[[Vector], Vector]
@@ -38,14 +38,9 @@ _PRODUCT_DTYPE: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.Cont
 )
 
 
-@contextlib.contextmanager
-def product_precision(dtype: torch.dtype) -> Iterator[None]:
+def product_precision(dtype: torch.dtype) -> ContextManager[None]:
     """Within the block, solves know that their products are computed in ``dtype``."""
-    token = _PRODUCT_DTYPE.set(dtype)
-    try:
-        yield
-    finally:
-        _PRODUCT_DTYPE.reset(token)
+    return scoped(_PRODUCT_DTYPE, dtype)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -319,22 +314,32 @@ class PytreeLayout:
         return tree
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether no tensor holds NaN/Inf, in one reduction read once by the host.
-
-    The test is the sum of all entries: a NaN or Inf entry makes it non-finite, so a finite
-    sum proves every entry finite (a pass over the data, no boolean copy of it). Only when
-    the sum is not finite — a NaN/Inf, or finite entries whose sum overflows — are the
-    entries tested one by one.
-    """
+def entry_sum(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sum of every entry of ``tensors`` (detached, 0-d), ``None`` when they have none:
+    the reduction of :func:`all_finite`, for a caller that reads it with other values."""
     total = None
     for t in tensors:
         if t.numel():
             s = t.detach().sum()
             total = s if total is None else total + s
-    if total is None or math.isfinite(float(total)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return total
+
+
+def finite_given_sum(total: float, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether no tensor holds NaN/Inf, given the value of their :func:`entry_sum`.
+
+    A NaN or Inf entry makes the sum non-finite, so a finite sum proves every entry finite.
+    Only when it is not finite — a NaN/Inf, or finite entries whose sum overflows — are the
+    entries tested one by one.
+    """
+    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether no tensor holds NaN/Inf, in one reduction read once by the host (a pass over
+    the data, no boolean copy of it); see :func:`finite_given_sum`."""
+    total = entry_sum(tensors)
+    return total is None or finite_given_sum(float(total), tensors)
 
 
 def nonfinite_systems(

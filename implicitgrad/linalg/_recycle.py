@@ -28,11 +28,12 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, ContextManager, List, Optional, Tuple
 
 import torch
+
+from ._scoped import scoped
 
 _CURRENT: contextvars.ContextVar[Optional[Recycler]] = contextvars.ContextVar("implicitgrad_recycler", default=None)
 
@@ -92,11 +93,6 @@ def current() -> Optional[Recycler]:
     return _CURRENT.get()
 
 
-@contextlib.contextmanager
-def recycling(recycler: Optional[Recycler]) -> Iterator[None]:
+def recycling(recycler: Optional[Recycler]) -> ContextManager[None]:
     """Within the block, CG solves read and feed ``recycler``."""
-    token = _CURRENT.set(recycler)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+    return scoped(_CURRENT, recycler)

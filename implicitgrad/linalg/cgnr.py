@@ -11,6 +11,7 @@ import torch
 from .._diagnostics import LinearSolveInfo
 from .._tree import tree_flatten
 from ._base import IterativeSolver, Matvec, PytreeLayout, Vector, safe_div, working_dtype
+from ._scoped import scoped
 from .gmres import Packed
 
 # The product with Aᵀ for a solve whose caller knows it (the core passes the other
@@ -26,17 +27,8 @@ def transposed_product(rmatvec: Optional[Matvec]) -> Iterator[None]:
     (on flat lists of leaves, computed in the products' dtype); ``None`` changes nothing."""
     with contextlib.ExitStack() as stack:
         if rmatvec is not None:
-            stack.enter_context(_holding(rmatvec))
+            stack.enter_context(scoped(_TRANSPOSE, rmatvec))
         yield
-
-
-@contextlib.contextmanager
-def _holding(rmatvec: Optional[Matvec]) -> Iterator[None]:
-    token = _TRANSPOSE.set(rmatvec)
-    try:
-        yield
-    finally:
-        _TRANSPOSE.reset(token)
 
 
 class CGNR(IterativeSolver):
@@ -136,7 +128,7 @@ class CGNR(IterativeSolver):
     ) -> Tuple[Vector, LinearSolveInfo]:
         rmatvec = _transpose_of(matvec, b)
         # A solver inside this solve's products must not take its Aᵀ.
-        with _holding(None):
+        with scoped(_TRANSPOSE, None):
             return self._iterate(matvec, rmatvec, b, init, batch_ndim)
 
     def _iterate(self, matvec: Matvec, rmatvec: Matvec, b: Vector, init: Optional[Vector],
