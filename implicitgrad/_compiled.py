@@ -129,7 +129,7 @@ def compiled_root_vjp(cond: Condition, options: Options, sink: SolveInfo, x: Seq
     with torch.no_grad():
         grads, relative, stopped = fn([t.detach() for t in x], pn, pr, [t.detach() for t in v])
     worst, negative = torch.stack([relative.max(), stopped.any().to(relative.dtype)]).tolist()
-    tol = solver.tol if solver.tol is not None else solver.default_tol(v[0].dtype)
+    tol = solver._tolerances(list(v))[0]
     status = (Status.NONFINITE if not math.isfinite(worst) else
               Status.NEGATIVE_CURVATURE if negative else None)
     info = LinearSolveInfo.from_residual(worst, tol, iterations=solver.maxiter, status=status,

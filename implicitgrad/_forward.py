@@ -12,7 +12,7 @@ from ._defaults import forward_tol as default_forward_tol
 from ._diagnostics import SolveInfo, report
 from ._linearize import AutogradLinearization
 from ._problem import Condition
-from .linalg._base import nonfinite_systems
+from .linalg._base import entry_sum, finite_given_sum, nonfinite_systems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +69,7 @@ def measure(cond: Condition, x: List[torch.Tensor], p: List[torch.Tensor], on_fa
         F, outputs, xs, ps = lin.F, lin.outputs, lin.x, lin.p
     else:
         lin = None
-        with torch.enable_grad():
-            xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
-            ps = [t.detach() for t in p]
-            F, outputs = cond.on_graph(xs, ps, create_graph=False)
+        F, outputs, xs, ps = cond.evaluate(x, p)
     cond.check_graph(outputs, xs, ps, on_failure)
     return cond.norms(F), lin
 
@@ -96,10 +93,12 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     info.forward_iterations = iterations
     info.forward_message = message
     info._batched = bool(cond.batch_ndim)
-    total = sum((t.sum() for t in x if t.numel()), torch.zeros((), dtype=torch.float64, device=x[0].device))
+    total = entry_sum(x)
     residuals, lin = measure(cond, x, p, options.on_failure, p_needs)
-    read = torch.cat([residuals.reshape(-1), total.double().reshape(1)]).tolist()
-    values, finite = read[:-1], math.isfinite(read[-1]) or all(bool(torch.isfinite(t).all()) for t in x)
+    # The residuals and the finiteness of x, read together.
+    read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
+    values = read.tolist()
+    finite = total is None or finite_given_sum(values.pop(), x)
     if not finite:
         info.forward_status = "nonfinite"
         info.forward_residual = float("nan")

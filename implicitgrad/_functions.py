@@ -161,11 +161,11 @@ class ImplicitSolve(torch.autograd.Function):
             differentiable = torch.is_grad_enabled() or _wrapped(x + p + v)
             if not differentiable and uses_compiled_backward(cond, options.linear_solver):
                 grads = compiled_root_vjp(cond, options, ctx.sink, x, p, v, p_needs)
-                return (None,) * (5 + nx) + tuple(grads)
-            solve = _solver(cond, options, ctx.sink, x, p, differentiable)
-            reuse = lin if lin is not None and not differentiable and lin.serves(p_needs) else None
-            grads = root_vjp(cond, x, p, v, p_needs, solve, differentiable, lin=reuse)
-            grads = [g if need else None for g, need in zip(grads, p_needs)]
+            else:
+                solve = _solver(cond, options, ctx.sink, x, p, differentiable)
+                reuse = lin if lin is not None and not differentiable and lin.serves(p_needs) else None
+                grads = root_vjp(cond, x, p, v, p_needs, solve, differentiable, lin=reuse)
+                grads = [g if need else None for g, need in zip(grads, p_needs)]
         return (None,) * (5 + nx) + tuple(grads)
 
     @staticmethod

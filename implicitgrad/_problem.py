@@ -143,12 +143,18 @@ class Condition:
             norms = [torch.linalg.vector_norm(c.reshape(*c.shape[:n], -1), dim=-1, dtype=torch.float64) for c in F]
             return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
-    def value_norms(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``‖F(x, θ)‖`` per problem, evaluated without a graph kept."""
+    def evaluate(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> Tuple[Leaves, Leaves, Leaves, Leaves]:
+        """``F`` at ``(x, θ)`` without its graph kept: ``(F, the user's outputs, the detached
+        x leaves it was built on, the detached θ leaves)``."""
         with torch.enable_grad():
             xs = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
-            F, _ = self.graph(xs, [t.detach() for t in p], False)
-        return self.norms(F)
+            ps = [t.detach() for t in p]
+            F, outputs = self.on_graph(xs, ps, create_graph=False)
+        return F, outputs, xs, ps
+
+    def value_norms(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``‖F(x, θ)‖`` per problem, evaluated without a graph kept."""
+        return self.norms(self.evaluate(x, p)[0])
 
     def check_graph(self, roots: Sequence[torch.Tensor], x: Sequence[torch.Tensor],
                     p: Sequence[torch.Tensor], on_failure: str) -> None:

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ._compat import host_readable
+from .linalg._base import all_finite
 from .linalg._recycle import Recycler
 
 __all__ = ["WarmStart"]
@@ -110,8 +111,7 @@ class WarmStart:
         if not all(host_readable(t) for t in x):
             return
         x = [t.detach() for t in x]
-        total = sum(t.sum() for t in x if t.numel())
-        if isinstance(total, torch.Tensor) and not bool(torch.isfinite(total)):
+        if not all_finite(x):
             self._stored.pop(kind, None)
             return
         self._stored[kind] = x

@@ -13,7 +13,6 @@ from ._base import (
     PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
-    default_tol,
     packing,
     safe_div,
     working_dtype,
@@ -130,10 +129,6 @@ class CG(SymmetricIterativeSolver):
     def __repr__(self) -> str:
         text = super().__repr__()
         return text if not self.compile else f"{text[:-1]}, compile={self.compile_options or True})"
-
-    def default_tol(self, dtype: torch.dtype) -> float:
-        """The tolerance used when ``tol`` is ``None``."""
-        return default_tol(dtype)
 
     #: When CG checks every iteration (``check_every=1``, the CPU default) and solves at
     #: most this many systems, the per-system scalars (step sizes, residuals, which systems
