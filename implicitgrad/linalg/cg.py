@@ -157,10 +157,11 @@ class CG(SymmetricIterativeSolver):
         def op(v: torch.Tensor) -> torch.Tensor:
             return pack(damped(unpack(v)))
 
+        rhs = pack(b)
         # Directions recycled from earlier solves of a repeated system (ig.WarmStart(recycle=k))
         # precondition this one when the user gave no preconditioner; this solve's are kept.
         recycler = current_recycler()
-        deflate = None if recycler is None or precond is not None else recycler.preconditioner(pack(b))
+        deflate = None if recycler is None or precond is not None else recycler.preconditioner(rhs)
         plain = precond is None and deflate is None
 
         def prec(r: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,6 @@ class CG(SymmetricIterativeSolver):
                 return deflate(r)
             return r if precond is None else pack(precond(unpack(r)))
 
-        rhs = pack(b)
         bb = vecdot(rhs, rhs)
         if init is None:
             x, r = torch.zeros_like(rhs), rhs
