@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import collections
 import functools
-import weakref
 from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union, overload
 
 import torch
 
-from ._compat import apply_function, host_readable, is_wrapped, version
+from ._compat import apply_function, host_readable, is_wrapped
 from ._compiled import uses_compiled_backward
 from ._defaults import default_linear_solver
 from ._diagnostics import SolveInfo
 from ._forward import Options, call_solver, measure
 from ._functions import Carry, ImplicitSolve
+from ._identity import ByIdentity
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
 from ._validation import check_forward_tol, check_linear_solver, check_on_failure
@@ -422,9 +421,11 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) 
             "(e.g. torch.zeros(..., device='cpu'), or module.to_empty(device='cpu') followed "
             "by an initialisation)."
         )
-    floats = [t for t in p_tensors if is_float_tensor(t) and host_readable(t) and not _FINITE.holds(t)]
+    floats = [t for t in p_tensors if is_float_tensor(t) and host_readable(t) and not _FINITE.get([t])]
     if all_finite(floats):
-        _FINITE.add(floats)
+        for t in floats:
+            if t.numel() >= 4096:  # small tensors are cheaper to sum than to track
+                _FINITE.put([t], True)
     else:
         t = next(t for t in floats if not bool(torch.isfinite(t).all()))
         raise ValueError(
@@ -433,30 +434,9 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) 
         )
 
 
-class _Checked:
-    """Tensors known to be finite, by identity and in-place version: a data tensor passed
-    to every call (a design matrix, a dataset) is summed once, not once per call."""
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self.seen: collections.OrderedDict[int, Tuple[weakref.ref[torch.Tensor], int]] = collections.OrderedDict()
-
-    def holds(self, t: torch.Tensor) -> bool:
-        entry = self.seen.get(id(t))
-        return entry is not None and entry[0]() is t and entry[1] == version(t)
-
-    def add(self, tensors: List[torch.Tensor]) -> None:
-        for t in tensors:
-            v = version(t)
-            if v is None or t.numel() < 4096:  # small tensors are cheaper to sum than to track
-                continue
-            self.seen[id(t)] = (weakref.ref(t), v)
-            self.seen.move_to_end(id(t))
-            while len(self.seen) > self.size:
-                self.seen.popitem(last=False)
-
-
-_FINITE = _Checked()
+#: Tensors known to be finite: a data tensor passed to every call (a design matrix, a
+#: dataset) is summed once per in-place version, not once per call.
+_FINITE: ByIdentity[bool] = ByIdentity(64)
 
 
 def _check_complex(x_leaves: List[Any], p_leaves: List[Any]) -> None:

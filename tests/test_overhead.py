@@ -120,3 +120,21 @@ def test_captured_tensor_is_still_reported_with_the_graph_reused():
         ig.implicit_solve(objective, torch.zeros(5, dtype=DT), lam,
                           solver=lambda f, w, lam: torch.linalg.solve(
                               X.T @ X + 2 * lam * torch.eye(5, dtype=DT), X.T @ y))
+
+
+def test_by_identity_finds_only_the_same_unmodified_tensors():
+    from implicitgrad._identity import ByIdentity
+
+    cache: ByIdentity[str] = ByIdentity(2)
+    a, b, c = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    cache.put([a], "a")
+    assert cache.get([a]) == "a" and cache.get([b]) is None
+    assert cache.get([a.clone()]) is None  # equal values, another tensor
+    a.add_(1.0)  # modified in place: its version moved on
+    assert cache.get([a]) is None
+    cache.put([a], "a2")
+    cache.put([b], "b")
+    cache.put([c], "c")  # beyond size 2: the least recently used (a) is dropped
+    assert cache.get([a]) is None and cache.get([b]) == "b" and cache.get([c]) == "c"
+    cache.put([b, c], "bc")
+    assert cache.get([b, c]) == "bc" and cache.get([c, b]) is None

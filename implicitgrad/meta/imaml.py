@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import collections
 import math
 import warnings
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._api import implicit_solve
-from .._compat import is_wrapped, version
+from .._compat import is_wrapped
 from .._defaults import forward_tol as default_forward_tol
 from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure, user_stacklevel
+from .._identity import ByIdentity
 from .._validation import check_linear_solver
 from .._warm import WarmStart
 from ..linalg import CG
@@ -193,7 +192,7 @@ class IMAML(MetaLearner):
         self.warm_start = warm_start
         # One WarmStart per task (or per vmapped meta-batch) met again, keyed by the identity
         # and in-place version of its support inputs; the least recently used are dropped.
-        self._warm: collections.OrderedDict[Any, Tuple[List[weakref.ref], WarmStart]] = collections.OrderedDict()
+        self._warm: ByIdentity[WarmStart] = ByIdentity(self.WARM_TASKS)
         self._task_keys: List[Any] = []
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"IMAML: lam must be a positive number, got {lam!r}.")
@@ -415,15 +414,11 @@ class IMAML(MetaLearner):
             inputs, self._task_keys = list(self._task_keys), []
         else:
             inputs, self._task_keys = [self._task_keys[0]], self._task_keys[1:]
-        key = tuple((id(t), version(t)) for t in inputs)
-        entry = self._warm.get(key)
-        if entry is None or any(ref() is not t for ref, t in zip(entry[0], inputs)):
-            entry = ([weakref.ref(t) for t in inputs], WarmStart())
-            self._warm[key] = entry
-        self._warm.move_to_end(key)
-        while len(self._warm) > self.WARM_TASKS:
-            self._warm.popitem(last=False)
-        return entry[1]
+        warm = self._warm.get(inputs)
+        if warm is None:
+            warm = WarmStart()
+            self._warm.put(inputs, warm)
+        return warm
 
     def _adapt(self, meta, context, x_s, y_s) -> Params:
         return self._solve(meta, context, x_s, y_s)
