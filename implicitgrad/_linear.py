@@ -48,9 +48,10 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
     # A solver that needs products with Aᵀ as well (ig.CGNR) receives the other product.
     needs_other = getattr(options.linear_solver, "needs_transpose", False)
     other = (lin.matvec if transpose else lin.rmatvec) if needs_other else None
-    warm, kind = options.warm_start, "backward" if transpose else "forward"
-    init = warm.initial_guess(kind, b) if warm is not None and warm.usable(b) else None
-    recycler = warm.recycler(kind) if warm is not None and warm.usable(b) else None
+    kind = "backward" if transpose else "forward"
+    warm = options.warm_start if options.warm_start is not None and options.warm_start.usable(b) else None
+    init = None if warm is None else warm.initial_guess(kind, b)
+    recycler = None if warm is None else warm.recycler(kind)
     with product_precision(dtype), transposed_product(other), recycling(recycler):
         if not cond.symmetric and getattr(options.linear_solver, "symmetric", False):
             _check_symmetric(cond, options, op, b)

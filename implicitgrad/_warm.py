@@ -108,7 +108,7 @@ class WarmStart:
     def store(self, kind: str, x: Sequence[torch.Tensor]) -> None:
         """Keep ``x`` (detached) as the next start of the solves of ``kind``; non-finite
         solutions and tensors wrapped by a ``torch.func`` transform are not kept."""
-        if not all(host_readable(t) for t in x):
+        if not self.usable(x):
             return
         x = [t.detach() for t in x]
         if not all_finite(x):

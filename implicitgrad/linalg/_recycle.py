@@ -82,8 +82,7 @@ class Recycler:
         new, self._new = self._new, []
         if not new:
             return
-        ok = torch.stack([c for _, _, c in new]) > 0
-        flags = ok.all(-1).tolist() if ok.ndim > 1 else ok.tolist()
+        flags = (torch.stack([c for _, _, c in new]) > 0).all(-1).tolist()  # (steps, systems) -> steps
         kept = [(s, y) for (s, y, _), good in zip(new, flags) if good]
         self.pairs = (self.pairs + kept)[-self.memory:] if self.memory else []
 
