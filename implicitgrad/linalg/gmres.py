@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .._compat import host_readable
 from .._diagnostics import LinearSolveInfo
 from ._base import IterativeSolver, Matvec, PytreeLayout, Vector, packing
 
@@ -92,6 +93,13 @@ class GMRES(IterativeSolver):
         super().__init__(maxiter, tol, check_every)
         self.restart = int(restart)
 
+    #: One system checked every step (``check_every=1``, the CPU default) keeps its
+    #: bookkeeping on the host: the Gram-Schmidt coefficients are read each step and the
+    #: rotations, the residual estimate and the small triangular solve are done on Python
+    #: numbers (see :func:`_host_cycle`). Several systems, or a check every few steps, keep
+    #: it on the device as batched tensors read once per check.
+    HOST_BOOKKEEPING = True
+
     def __repr__(self) -> str:
         return f"GMRES(maxiter={self.maxiter}, restart={self.restart}, tol={self.tol})"
 
@@ -105,7 +113,47 @@ class GMRES(IterativeSolver):
         layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
-        system = Packed(matvec, b, init, batch_ndim, tol)
+        system = Packed(matvec, b, init, batch_ndim, tol, flags=False)
+        rhs = system.rhs
+        if (self.HOST_BOOKKEEPING and every == 1 and rhs.shape[0] == 1 and rhs.dtype.is_floating_point
+                and host_readable(rhs)):
+            return self._solve_host(system, tol)
+        return self._solve_device(system, tol, every)
+
+    def _solve_host(self, system: Packed, tol: float) -> Tuple[Vector, LinearSolveInfo]:
+        """One system, its scalars on the host: the same decisions as :meth:`_solve_device`."""
+        op, rhs, x, r, used = system.op, system.rhs, system.x, system.r, system.used
+        b_norm, r_norm = system.host_norms()
+        threshold = tol * b_norm
+        tiny = torch.finfo(rhs.dtype).tiny
+        nonfinite, broken, rows = not math.isfinite(r_norm), False, None
+        done, scale = r_norm <= threshold, 0.0
+        try:
+            while True:
+                steps = min(self.restart, self.maxiter - used - 1)
+                if steps < 1 or done or broken or nonfinite:
+                    break
+                if rows is None:
+                    rows = _Rows.borrow(rhs, min(self.restart, self.maxiter))
+                x, taken, invariant, scale = _host_cycle(op, r, r_norm, max(threshold, tiny), x, steps, rows, scale)
+                used += taken + 1
+                r = rhs - op(x)
+                new_norm = float(torch.linalg.vector_norm(r))
+                nonfinite = not math.isfinite(new_norm)
+                broken = invariant and new_norm > threshold and new_norm >= r_norm
+                done, r_norm = new_norm <= threshold, new_norm
+        finally:
+            if rows is not None:
+                rows.give_back()
+        status = "nonfinite" if nonfinite else "breakdown" if broken else None
+        if nonfinite:
+            x = torch.full_like(x, math.nan)
+        relative = r_norm / b_norm if b_norm != 0 else r_norm
+        return system.unpack(x), self._finish(used, torch.tensor(relative, dtype=torch.float64), tol, status)
+
+    def _solve_device(self, system: Packed, tol: float, every: int) -> Tuple[Vector, LinearSolveInfo]:
+        """Any number of systems, their scalars as tensors read once per check."""
+        system.device_state(tol)
         op, rhs, x, r, r_norm, used = system.op, system.rhs, system.x, system.r, system.r_norm, system.used
         threshold, nonfinite, done = system.threshold, system.nonfinite, system.done
         broken = torch.zeros_like(done)
@@ -145,20 +193,35 @@ class Packed:
     start ``x`` (``init`` or 0) with its residual (one product when ``init`` is given,
     counted in ``used``)."""
 
-    def __init__(self, matvec: Matvec, b: Vector, init: Optional[Vector], batch_ndim: int, tol: float) -> None:
+    def __init__(self, matvec: Matvec, b: Vector, init: Optional[Vector], batch_ndim: int, tol: float,
+                 flags: bool = True) -> None:
         self.matvec = matvec
         self.pack, self.unpack = packing(b, batch_ndim)
         self.rhs = self.pack(b)
-        self.b_norm = torch.linalg.vector_norm(self.rhs, dim=1)
-        self.threshold = tol * self.b_norm
         if init is None:
             self.x, self.r, self.used = torch.zeros_like(self.rhs), self.rhs, 0
         else:
             self.x = self.pack(init).clone()
             self.r, self.used = self.rhs - self.op(self.x), 1
+        if flags:
+            self.device_state(tol)
+
+    def device_state(self, tol: float) -> None:
+        """The norms ``‖b_i‖``, ``‖r_i‖``, thresholds and flags (``nonfinite``, ``done``) per
+        system, as tensors (made at construction unless ``flags=False``)."""
+        self.b_norm = torch.linalg.vector_norm(self.rhs, dim=1)
+        self.threshold = tol * self.b_norm
         self.r_norm = torch.linalg.vector_norm(self.r, dim=1)
         self.nonfinite = ~torch.isfinite(self.r_norm)
         self.done = self.r_norm <= self.threshold
+
+    def host_norms(self) -> Tuple[float, float]:
+        """``‖b‖`` and ``‖r‖`` of a single system, read by the host."""
+        if self.r is self.rhs:
+            b_norm = float(torch.linalg.vector_norm(self.rhs))
+            return b_norm, b_norm
+        b_norm, r_norm = torch.linalg.vector_norm(torch.cat([self.rhs, self.r]), dim=1).tolist()
+        return b_norm, r_norm
 
     def op(self, v: torch.Tensor) -> torch.Tensor:
         """The product on packed vectors."""
@@ -285,4 +348,157 @@ class _Space:
             known = self.basis[:, : j + 1]
             self._views.append((known, known.mT, self.hess[:, j : j + 1, : j + 1], self.hess[:, j],
                                 self.basis[:, j + 1], self.minus_identity[j + 1]))
+        return self._views[j]
+
+
+def _host_cycle(op, r: torch.Tensor, beta: float, limit: float, x: torch.Tensor, steps: int, rows: _Rows,
+                scale: float) -> Tuple[torch.Tensor, int, bool, float]:
+    r"""One Arnoldi cycle of a single system (``r``: ``(1, n)``, ``‖r‖ = beta``) whose scalars
+    live on the host; the same decisions as :func:`_cycle`.
+
+    Step ``j`` stores ``w = A v_j`` as row ``j + 1`` of the basis, and one product with rows
+    ``0 … j + 1`` gives the Gram-Schmidt coefficients :math:`h = V_j^T w` and
+    :math:`\|w\|^2` together, read at once. With :math:`V_j` orthonormal,
+    :math:`\|w - V_j h\|^2 = \|w\|^2 - \|h\|^2`; while that keeps at least half of
+    :math:`\|w\|^2`, one pass is orthogonal to working precision and the new basis vector
+    is :math:`(w - V_j h) / \|w - V_j h\|` in one operation. Below, cancellation has set in
+    and the pass is repeated, its norm measured (the criterion of Daniel, Gragg, Kaufman
+    and Stewart). The new Hessenberg column is reduced by the earlier rotations and a new
+    one on Python numbers; the residual estimate ``|g_{j+1}|`` is a running product of the
+    sines. The triangular system is solved when the cycle ends, and ``x + V_k y`` formed in
+    one operation. Returns that iterate, the steps taken, and whether Arnoldi met a
+    (numerically) invariant subspace.
+    """
+    finfo = torch.finfo(r.dtype)
+    tiny, eps = finfo.tiny, finfo.eps
+    # The products act on a fresh vector whose copy is in the basis (see _cycle).
+    vector = r * (1.0 / (beta + tiny))
+    rows.first.copy_(vector)
+    columns: List[List[float]] = []
+    rotations: List[Tuple[float, float]] = []
+    g = [beta]
+    estimate = beta / limit
+    invariant, degenerate_at = False, steps
+    for j in range(steps):
+        row, known_t, known, both, coefficients = rows.views(j)
+        row.copy_(op(vector))
+        vector, column, w_norm = _orthogonalise(row, known_t, known, both, coefficients, tiny)
+        row.copy_(vector)
+        # ‖A v_j‖ = ‖(h, ‖w‖)‖ bounds ‖A‖ from below; the product itself is exact only to
+        # about ε ‖A‖, so a remainder or a pivot below 100 ε ‖A‖ is rounding.
+        scale = max(scale, math.sqrt(sum(v * v for v in column) + w_norm * w_norm))
+        floor = 100 * eps * scale + 2 * tiny
+        # The reflection [[c, s], [s, −c]] of step i maps entries (i, i + 1) of the column.
+        pending = column[0]
+        for i, (cosine, sine) in enumerate(rotations):
+            below = column[i + 1]
+            column[i] = cosine * pending + sine * below
+            pending = sine * pending - cosine * below
+        radius = math.hypot(pending, w_norm)
+        cosine, sine = pending / radius, w_norm / radius
+        column[j] = radius
+        columns.append(column)
+        rotations.append((cosine, sine))
+        g.append(sine * g[j])
+        g[j] *= cosine
+        if w_norm <= floor or radius <= floor:
+            # An invariant subspace: further steps would be rounding. A vanishing pivot (A
+            # singular on the space) drops this step, which would only add a null-space
+            # component of any size.
+            invariant = True
+            degenerate_at = j if radius <= floor else j + 1
+            break
+        estimate *= sine
+        # NaN fails the comparison and ends the cycle: the measured residual reports it.
+        if not estimate > 1.0:
+            break
+    keep = min(len(columns), degenerate_at)
+    y = [0.0] * keep
+    for i in reversed(range(keep)):
+        y[i] = (g[i] - sum(columns[m][i] * y[m] for m in range(i + 1, keep))) / columns[i][i]
+    if keep:
+        x = torch.addmm(x, torch.tensor([y], dtype=x.dtype, device=x.device), rows.basis[:keep])
+    return x, len(columns), invariant, scale
+
+
+#: One Gram-Schmidt pass is kept when it leaves at least this fraction of ``‖w‖²``.
+_KEPT = 0.5
+
+
+def _orthogonalise(row: torch.Tensor, known_t: torch.Tensor, known: torch.Tensor, both: torch.Tensor,
+                   coefficients: torch.Tensor, tiny: float) -> Tuple[torch.Tensor, List[float], float]:
+    """``w`` (in ``row``, the basis row after ``known``) orthogonalised against ``known`` by
+    one or two classical Gram-Schmidt passes (see :func:`_host_cycle`): the new basis vector
+    (a fresh tensor), the coefficients and the norm ``‖w − V h‖ + tiny``. ``both`` receives
+    ``[V, w]ᵀ w`` and ``coefficients`` is its view on ``Vᵀ w``."""
+    torch.mm(row, known_t, out=both)
+    *h, w2 = both.tolist()[0]
+    left2 = w2 - sum(v * v for v in h)
+    if not left2 >= _KEPT * w2:
+        # Cancellation, or NaN (which the measured residual reports): a second pass, whose
+        # ‖w‖² is measured by the same product.
+        row.addmm_(coefficients, known, alpha=-1)
+        torch.mm(row, known_t, out=both)
+        *again, w2 = both.tolist()[0]
+        h = [a + c for a, c in zip(h, again)]
+        left2 = w2 - sum(v * v for v in again)
+        if not left2 >= _KEPT * w2:
+            # Twice is enough: what a second pass cancels too is rounding, and w lies in the
+            # span of the basis (Kahan and Parlett). The new vector is zero: an invariant
+            # subspace, like an exact zero of the device path.
+            row.zero_()
+            return row.clone(), h, tiny
+    w_norm = math.sqrt(left2) + tiny
+    return torch.addmm(row, coefficients, known, beta=1.0 / w_norm, alpha=-1.0 / w_norm), h, w_norm
+
+
+class _Rows:
+    """The Krylov basis ``(m + 1, n)`` of a single system solved by :func:`_host_cycle`, and
+    the views step ``j`` works on (made at its first use and kept for the later cycles).
+
+    Making those views costs about as much per step as the Gram-Schmidt passes on a small
+    system, so a small basis (at most ``POOLED_ENTRIES`` entries, where products are cheap)
+    is lent to one solve at a time and kept for the next solve of the same shape; the
+    last ``POOLED_SHAPES`` shapes are kept.
+    """
+
+    POOLED_ENTRIES = 2**18
+    POOLED_SHAPES = 4
+    _pool: Dict[Tuple[Any, ...], List[_Rows]] = {}
+
+    @classmethod
+    def borrow(cls, rhs: torch.Tensor, size: int) -> _Rows:
+        """A basis for ``rhs`` (``(1, n)``) of ``size + 1`` rows, from the pool if one is free."""
+        key = (size, rhs.shape[1], rhs.dtype, rhs.device)
+        try:
+            return cls._pool[key].pop()
+        except (KeyError, IndexError):
+            return cls(rhs, size, key)
+
+    def give_back(self) -> None:
+        """Return this basis to the pool (a large one is dropped)."""
+        if self.basis.numel() > self.POOLED_ENTRIES:
+            return
+        pool = type(self)._pool
+        spares = pool.pop(self.key, [])
+        pool[self.key] = spares  # the shape last used is the last to be dropped
+        if not spares:
+            spares.append(self)
+        while len(pool) > self.POOLED_SHAPES:
+            pool.pop(next(iter(pool)), None)
+
+    def __init__(self, rhs: torch.Tensor, size: int, key: Tuple[Any, ...] = ()) -> None:
+        self.key = key
+        self.basis = rhs.new_empty(size + 1, rhs.shape[1])
+        self.first = self.basis[:1]
+        self.products = rhs.new_empty(1, size + 1)
+        self._views: List[Tuple[torch.Tensor, ...]] = []
+
+    def views(self, j: int) -> Tuple[torch.Tensor, ...]:
+        """Row ``j + 1`` as ``(1, n)``, rows ``0 … j + 1`` transposed, rows ``0 … j``, and the
+        ``(1, j + 2)`` products of row ``j + 1`` with rows ``0 … j + 1`` with their first
+        ``j + 1`` entries."""
+        if j == len(self._views):
+            self._views.append((self.basis[j + 1 : j + 2], self.basis[: j + 2].T, self.basis[: j + 1],
+                                self.products[:, : j + 2], self.products[:, : j + 1]))
         return self._views[j]
