@@ -18,6 +18,7 @@ leaves, batch dims, which parameters need gradients, the solver's settings);
 from __future__ import annotations
 
 import math
+import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -112,8 +113,17 @@ def _function(cond: Condition, p_needs: Sequence[bool], solver: Any) -> Callable
         return fixed
     store = _CACHE.setdefault(_root(cond).fn, {})
     if key not in store:
-        store[key] = torch.compile(fixed, fullgraph=True, **solver.compile_options)
+        store[key] = torch.compile(_own_code(fixed), fullgraph=True, **solver.compile_options)
     return store[key]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. torch.compile keeps its compiled variants, and
+    its limit on their number (``recompile_limit``, 8), per code object; every layout here is
+    a closure over the same code, so without a copy the ninth layout of a process would
+    fail to compile under ``fullgraph``."""
+    assert isinstance(fn, types.FunctionType)
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def compiled_root_vjp(cond: Condition, options: Options, sink: SolveInfo, x: Sequence[torch.Tensor],
@@ -128,14 +138,21 @@ def compiled_root_vjp(cond: Condition, options: Options, sink: SolveInfo, x: Seq
     pr = [t.detach() for t, need in zip(p, needs) if not need]
     with torch.no_grad():
         grads, relative, stopped = fn([t.detach() for t in x], pn, pr, [t.detach() for t in v])
-    worst, negative = torch.stack([relative.max(), stopped.any().to(relative.dtype)]).tolist()
     tol = solver._tolerances(list(v))[0]
-    status = (Status.NONFINITE if not math.isfinite(worst) else
-              Status.NEGATIVE_CURVATURE if negative else None)
-    info = LinearSolveInfo.from_residual(worst, tol, iterations=solver.maxiter, status=status,
-                                         solver="CG(compile)")
-    if status is Status.NONFINITE:
-        grads = [torch.full_like(g, float("nan")) for g in grads]
+    if options.on_failure == "defer":
+        # Nothing read: a non-finite solve poisons the gradients on the device.
+        nonfinite = ~torch.isfinite(relative)
+        info = LinearSolveInfo.deferred(relative, tol, iterations=solver.maxiter, solver="CG(compile)",
+                                        flags=[(Status.NONFINITE, nonfinite), (Status.NEGATIVE_CURVATURE, stopped)])
+        grads = [torch.where(nonfinite.any(), torch.full_like(g, float("nan")), g) for g in grads]
+    else:
+        worst, negative = torch.stack([relative.max(), stopped.any().to(relative.dtype)]).tolist()
+        status = (Status.NONFINITE if not math.isfinite(worst) else
+                  Status.NEGATIVE_CURVATURE if negative else None)
+        info = LinearSolveInfo.from_residual(worst, tol, iterations=solver.maxiter, status=status,
+                                             solver="CG(compile)")
+        if status is Status.NONFINITE:
+            grads = [torch.full_like(g, float("nan")) for g in grads]
     record_outcome(cond, options, sink, info, transpose=True)
     it = iter(grads)
     return [-next(it) if need else None for need in needs]

@@ -122,3 +122,17 @@ def test_bad_compile_arguments_are_refused():
         ig.CG(compile="yes")
     with pytest.raises(ValueError, match="preconditioner"):
         ig.CG(compile=True, preconditioner=lambda r: r)
+
+
+def test_more_layouts_than_the_recompile_limit_each_compile():
+    """Every layout is a closure over one code object; torch.compile's per-code-object limit
+    (8 variants) must not make the ninth layout of a process fail."""
+    objective, X, y = _logistic(n=20, d=3)
+    log_lam = torch.zeros(3, dtype=DT)
+    limit = torch._dynamo.config.recompile_limit
+    reference, _ = _hypergradient(ig.CG(maxiter=40, tol=1e-12), log_lam, objective, X, y)
+    for k in range(limit + 2):  # a new maxiter is a new layout
+        g, info = _hypergradient(ig.CG(maxiter=20 + k, tol=1e-10, compile={"backend": "eager"}), log_lam,
+                                 objective, X, y)
+        assert info.backward.solver == "CG(compile)" and info.backward.iterations == 20 + k
+        torch.testing.assert_close(g, reference, rtol=1e-8, atol=1e-12)
