@@ -16,7 +16,7 @@ from ._functions import Carry, ImplicitSolve
 from ._identity import ByIdentity
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
-from ._validation import check_forward_tol, check_linear_solver, check_on_failure
+from ._validation import SettingError, check_forward_tol, check_linear_solver, check_on_failure
 from ._warm import WarmStart
 from .linalg._base import LinearSolverLike, all_finite
 
@@ -105,6 +105,13 @@ def implicit_solve(
         on_failure: ``"warn"`` (default) issues :class:`ImplicitGradWarning`, ``"raise"``
             raises :class:`ConvergenceError`, ``"ignore"`` stays silent — for an
             unconverged forward or backward solve, negative curvature, non-finite values.
+            ``"defer"`` reads no value back to the host during the call (forward and
+            backward): every check keeps its numbers on the device, in the returned
+            :class:`SolveInfo` (``return_info=True`` is required), and
+            :meth:`SolveInfo.verify` reads them all at once and reports them. With a
+            solver of fixed work (e.g. ``GradientDescent(tol=0)``) and ``ig.CG``, which then
+            runs its ``maxiter`` iterations, the whole hypergradient can be captured in a
+            CUDA graph, or checked every N outer steps instead of every step.
         return_info: also return a :class:`SolveInfo` (filled in by backward).
         forward_tol: the forward residual ``‖∇ₓf(x)‖`` is acceptable up to
             ``forward_tol · max(1, ‖∇ₓf(x0)‖)``; default 1e-6 (float64), 1e-3 (float32).
@@ -332,7 +339,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     check_linear_solver(linear_solver, example="ig.CG(), ig.GMRES(), ig.Neumann() or ig.Exact()")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    check_on_failure(on_failure)
+    check_on_failure(on_failure, deferrable=True)
     check_forward_tol(forward_tol)
     if warm_start is not None and not isinstance(warm_start, WarmStart):
         raise TypeError(
@@ -352,13 +359,18 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
             )
     p_tensors = [t for t in p_leaves if isinstance(t, torch.Tensor)]
     _check_complex(x_leaves, p_leaves)
-    _check_inputs(x_tensors, p_tensors)
+    defer = on_failure == "defer"
+    unread = _check_inputs(x_tensors, p_tensors, read=not defer)
 
     cond = BUILDERS[kind](fn, Codec(x_spec, tuple(x_leaves), p_spec, tuple(p_leaves)))
     if linear_solver is None:
         linear_solver = default_linear_solver(cond.symmetric)
+    if defer:
+        _check_deferrable(x_tensors + p_tensors, linear_solver, mode, return_info, warm_start)
     options = Options(solver, linear_solver, on_failure, forward_tol, warm_start)
     info = SolveInfo()
+    if unread:
+        _defer_finiteness(info, unread)
     if mode == "unrolled":
         x = _unrolled(cond, options, info, x_tensors, p_tensors)
     else:
@@ -398,7 +410,10 @@ def _unrolled(cond: Condition, options: Options, info: SolveInfo, x0: List[torch
     return x
 
 
-def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) -> None:
+def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor], read: bool = True
+                  ) -> List[torch.Tensor]:
+    """Check dtypes and devices, and that the parameters are finite. Returns the floating
+    parameters whose finiteness is still to be read (``read=False``: all of them)."""
     floats = [t for t in x_tensors + p_tensors if is_float_tensor(t)]
     dtypes = sorted({str(t.dtype) for t in floats})
     if len(dtypes) > 1:
@@ -422,15 +437,62 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) 
             "by an initialisation)."
         )
     floats = [t for t in p_tensors if is_float_tensor(t) and host_readable(t) and not _FINITE.get([t])]
+    if not read:
+        return floats
     if all_finite(floats):
         for t in floats:
             if t.numel() >= 4096:  # small tensors are cheaper to sum than to track
                 _FINITE.put([t], True)
     else:
         t = next(t for t in floats if not bool(torch.isfinite(t).all()))
-        raise ValueError(
-            f"a parameter of shape {tuple(t.shape)} contains NaN/Inf; the inner problem "
-            "and its gradient are undefined. Check the hyperparameters and data."
+        raise ValueError(_nonfinite_parameter(tuple(t.shape)))
+    return []
+
+
+def _nonfinite_parameter(shape: Tuple[int, ...]) -> str:
+    return (f"a parameter of shape {shape} contains NaN/Inf; the inner problem "
+            "and its gradient are undefined. Check the hyperparameters and data.")
+
+
+def _defer_finiteness(info: SolveInfo, floats: List[torch.Tensor]) -> None:
+    """The parameters' finiteness, kept on the device for :meth:`SolveInfo.verify`, which
+    raises ``ValueError`` as the eager check does."""
+    flags = torch.stack([~torch.isfinite(t).all() for t in floats]).double()
+
+    def settle(values: List[float]) -> None:
+        bad = next((t for t, flag in zip(floats, values) if flag), None)
+        if bad is not None:
+            raise ValueError(_nonfinite_parameter(tuple(bad.shape)))
+
+    info.defer(flags, settle)
+
+
+def _check_deferrable(tensors: List[torch.Tensor], linear_solver: Any, mode: str, return_info: bool,
+                      warm_start: Optional[WarmStart]) -> None:
+    """What ``on_failure="defer"`` needs: somewhere to keep the checks, and nothing in the
+    call that must read a value to decide."""
+    if not return_info:
+        raise SettingError(
+            "on_failure='defer' keeps the checks in the SolveInfo for SolveInfo.verify(): pass "
+            "return_info=True and call info.verify() after the backward pass (or every N steps)."
+        )
+    if mode != "implicit":
+        raise SettingError("on_failure='defer' applies to mode='implicit'; the unrolled mode reads its residual.")
+    if not getattr(linear_solver, "defers", False):
+        raise SettingError(
+            f"on_failure='defer' needs a linear solver that runs without host reads; "
+            f"{type(linear_solver).__name__} reads its residual to decide when to stop. Use "
+            "ig.CG(maxiter=K) (eager or compile=...), which then runs its K iterations, or "
+            "on_failure='warn'."
+        )
+    if warm_start is not None:
+        raise SettingError("on_failure='defer' does not support warm_start: a WarmStart reads the "
+                           "solutions it keeps. Pass warm_start=None, or on_failure='warn'.")
+    if not all(host_readable(t) for t in tensors):
+        raise SettingError(
+            "on_failure='defer' keeps device tensors for a later read, which a torch.func "
+            "transform (vmap, grad, jvp) does not allow out of it: use on_failure='warn' or "
+            "'ignore' inside transforms."
         )
 
 

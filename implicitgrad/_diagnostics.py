@@ -4,6 +4,10 @@ Every solve in implicitgrad ends with a status. A status other than ``"converged
 turned into an :class:`ImplicitGradWarning` (``on_failure="warn"``), a
 :class:`ConvergenceError` (``on_failure="raise"``) or nothing (``on_failure="ignore"``),
 always with the measured numbers and the change that would fix it.
+
+``on_failure="defer"`` reads nothing during the call: each check keeps its numbers on the
+device, in the call's :class:`SolveInfo`, and :meth:`SolveInfo.verify` reads them all at
+once and reports them as ``"warn"`` or ``"raise"`` would have.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import os
 import sys
 import warnings
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -66,6 +70,10 @@ class LinearSolveInfo:
     status: Status
     message: str = ""
     solver: str = ""
+    # A solve whose outcome is still on the device (see :meth:`deferred`): its relative
+    # residuals, one flag per status that can end it, those statuses and the tolerance.
+    _deferred: Optional[Tuple[torch.Tensor, Tuple[Status, ...], float]] = dataclasses.field(
+        default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):
@@ -126,6 +134,48 @@ class LinearSolveInfo:
             solver=solver,
         )
 
+    @classmethod
+    def deferred(
+        cls,
+        residual: torch.Tensor,
+        tol: float,
+        *,
+        flags: Sequence[Tuple[Status, torch.Tensor]] = (),
+        iterations: int = 0,
+        solver: str = "",
+    ) -> LinearSolveInfo:
+        """The info of a solve whose outcome is not read yet (``on_failure="defer"``).
+
+        Its status is ``"deferred"`` and its residual NaN until :meth:`SolveInfo.verify`
+        reads the values and settles them as :meth:`from_residual` would: the first of
+        ``flags`` (in order of priority) that holds in any system names the status; when
+        none does, the largest relative residual decides.
+
+        Args:
+            residual: the relative residual per system (a tensor on the device).
+            tol: the tolerance it is held to.
+            flags: ``(status, per-system flags)`` pairs, tensors on the device.
+            iterations: matrix-vector products spent (known on the host).
+            solver: the solver's name.
+        """
+        worst = residual.max() if residual.numel() else residual.new_zeros(())
+        values = torch.stack([worst, *(f.any().to(worst.dtype) for _, f in flags)])
+        info = cls(iterations, float("nan"), False, Status.DEFERRED,
+                   status_message(Status.DEFERRED, solver, float("nan"), tol), solver)
+        info._deferred = (values, tuple(status for status, _ in flags), tol)
+        return info
+
+    def settle(self, values: Sequence[float]) -> None:
+        """Fill the fields of a :meth:`deferred` info from its values, read by the host."""
+        if self._deferred is None:
+            raise ValueError("settle: this LinearSolveInfo was not deferred.")
+        _, statuses, tol = self._deferred
+        status = next((s for s, flag in zip(statuses, values[1:]) if flag), None)
+        read = LinearSolveInfo.from_residual(values[0], tol, iterations=self.iterations, status=status,
+                                             solver=self.solver)
+        self.residual, self.converged, self.status, self.message = (read.residual, read.converged,
+                                                                    read.status, read.message)
+
     def __str__(self) -> str:
         head = (
             f"{self.solver or 'linear solve'}: {self.status} after {self.iterations} "
@@ -172,6 +222,44 @@ class SolveInfo:
     _initial: Union[None, List[float], Callable[[], List[float]]] = dataclasses.field(
         default=None, repr=False, compare=False)
     _batched: bool = dataclasses.field(default=False, repr=False, compare=False)
+    # The checks of an on_failure="defer" call: values on the device, and what turns them,
+    # once read, into this info's fields and a message (None: nothing to report).
+    _checks: List[Tuple[torch.Tensor, Callable[[List[float]], Optional[str]]]] = dataclasses.field(
+        default_factory=list, repr=False, compare=False)
+
+    def defer(self, values: torch.Tensor, settle: Callable[[List[float]], Optional[str]]) -> None:
+        """Keep a check of an ``on_failure="defer"`` call for :meth:`verify`."""
+        self._checks.append((values, settle))
+
+    def verify(self, on_failure: str = "warn") -> SolveInfo:
+        """Read the checks an ``on_failure="defer"`` call kept on the device, fill this
+        info's fields with them, and report what failed.
+
+        One host read for all of them: the forward residual against ``forward_tol``, NaN/Inf
+        in the parameters and the solution, and, once the backward pass ran, NaN/Inf in the
+        incoming gradient and each linear solve's residual and status. The reports are
+        those of an eager call with this ``on_failure`` (``"warn"``, ``"raise"`` or
+        ``"ignore"``), except that a parameter with NaN/Inf raises ``ValueError`` as the
+        eager call does. A call captured in a CUDA graph keeps writing the same tensors at
+        each replay: ``verify`` then reads the latest replay's values each time it is called.
+        A call that did not defer has nothing to read: its info is returned unchanged.
+
+        Returns:
+            this info, for chaining.
+        """
+        on_failure = check_on_failure(on_failure, "SolveInfo.verify")
+        if not self._checks:
+            return self
+        flat = torch.cat([v.detach().reshape(-1).to(torch.float64) for v, _ in self._checks]).tolist()
+        messages, start = [], 0
+        for values, settle in self._checks:
+            message = settle(flat[start : start + values.numel()])
+            start += values.numel()
+            if message:
+                messages.append(message)
+        for message in messages:
+            report(message, on_failure)
+        return self
 
     def _initial_values(self) -> Optional[List[float]]:
         if callable(self._initial):
@@ -233,5 +321,7 @@ def report(message: str, on_failure: str) -> None:
     """
     if on_failure == "raise":
         raise ConvergenceError(message)
-    if on_failure == "warn":
+    # A deferred call defers the checks of values; what it reports during the call (a
+    # structural problem, found without reading a value) is a warning.
+    if on_failure in ("warn", "defer"):
         warnings.warn(message, ImplicitGradWarning, stacklevel=user_stacklevel())

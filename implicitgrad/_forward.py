@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -12,7 +12,7 @@ from ._defaults import forward_tol as default_forward_tol
 from ._diagnostics import SolveInfo, report
 from ._linearize import AutogradLinearization
 from ._problem import Condition
-from .linalg._base import entry_sum, finite_given_sum, nonfinite_systems
+from .linalg._base import entry_sum, finite_given_sum, nonfinite_flags, nonfinite_systems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,9 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     given (the backward pass reuses it instead of building ``F`` again), and the per-problem
     flags of a non-finite ``x`` (``None`` when ``x`` is finite). The residuals and the
     finiteness of ``x`` are read by the host once; the residual at ``x0``, the scale of the
-    tolerance, is evaluated only when the residual at ``x`` exceeds ``forward_tol``.
+    tolerance, is evaluated only when the residual at ``x`` exceeds ``forward_tol``. With
+    ``on_failure="defer"`` nothing is read: the residuals and the flags stay on the device,
+    kept in ``info`` for :meth:`SolveInfo.verify`, and the flags go to the backward pass.
     """
     x0 = [t.detach() for t in x0]
     p = [t.detach() for t in p]
@@ -93,26 +95,6 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     info.forward_iterations = iterations
     info.forward_message = message
     info._batched = bool(cond.batch_ndim)
-    total = entry_sum(x)
-    residuals, lin = measure(cond, x, p, options.on_failure, p_needs)
-    # The residuals and the finiteness of x, read together.
-    read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
-    values = read.tolist()
-    finite = total is None or finite_given_sum(values.pop(), x)
-    if not finite:
-        info.forward_status = "nonfinite"
-        info.forward_residual = float("nan")
-        report(
-            "The inner solver returned a solution with NaN/Inf entries; its gradient would "
-            "be meaningless. Lower the inner step size, add regularisation, or check the "
-            "objective for overflow.",
-            options.on_failure,
-        )
-        return x, None, nonfinite_systems(None, x, None, cond.batch_ndim)
-    residual = math.sqrt(sum(v * v for v in values))
-    info.forward_residual = residual
-    if cond.batch_ndim:
-        info.forward_residuals = values
     tol = options.forward_tol
     if tol is None:
         tol = default_forward_tol(x[0].dtype if x else torch.float32)
@@ -120,34 +102,72 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     def initial() -> List[float]:
         return cond.value_norms(x0, p).reshape(-1).tolist()
 
-    # Every problem of a batch meets its own tolerance, tol · max(1, its initial residual):
-    # a well-solved problem cannot hide an unsolved one in a batch norm.
+    if options.on_failure == "defer":
+        residuals, lin = measure(cond, x, p, "defer", p_needs)
+        bad = nonfinite_flags([x], cond.batch_ndim)
+        info.forward_status = "deferred"
+        info.defer(torch.cat([residuals.reshape(-1), bad.any().to(residuals.dtype).reshape(1)]),
+                   lambda values: judge_forward(info, values[:-1], not values[-1], initial, tol))
+        return x, lin, bad
+    total = entry_sum(x)
+    residuals, lin = measure(cond, x, p, options.on_failure, p_needs)
+    # The residuals and the finiteness of x, read together.
+    read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
+    values = read.tolist()
+    finite = total is None or finite_given_sum(values.pop(), x)
+    verdict = judge_forward(info, values, finite, initial, tol)
+    if verdict is not None:
+        report(verdict, options.on_failure)
+    if not finite:
+        return x, None, nonfinite_systems(None, x, None, cond.batch_ndim)
+    return x, lin, None
+
+
+def judge_forward(info: SolveInfo, values: List[float], finite: bool, initial: Callable[[], List[float]],
+                  tol: float) -> Optional[str]:
+    """Fill ``info``'s forward fields from the residuals at ``x`` (one per problem, read by
+    the host) and say what to report: ``None`` when ``x`` is finite and stationary.
+
+    Every problem of a batch meets its own tolerance, ``tol · max(1, its initial
+    residual)``: a well-solved problem cannot hide an unsolved one in a batch norm. The
+    initial residuals (``initial()``, one evaluation of the condition at ``x0``) are
+    computed only when a residual exceeds ``tol``; otherwise on first access.
+    """
+    if not finite:
+        info.forward_status = "nonfinite"
+        info.forward_residual = float("nan")
+        return ("The inner solver returned a solution with NaN/Inf entries; its gradient would "
+                "be meaningless. Lower the inner step size, add regularisation, or check the "
+                "objective for overflow.")
+    residual = math.sqrt(sum(v * v for v in values))
+    info.forward_residual = residual
+    if info._batched:
+        info.forward_residuals = list(values)
     if all(v <= tol for v in values):
         info._initial = initial
         info.forward_status = "converged"
-        return x, lin, None
+        return None
     initials = initial()
     info._initial = initials
     thresholds = [tol * max(1.0, i) for i in initials]
     failed = [i for i, (v, t) in enumerate(zip(values, thresholds)) if not v <= t]
     if not failed:
         info.forward_status = "converged"
-        return x, lin, None
+        return None
     info.forward_status = "not_converged"
+    iterations, message = info.forward_iterations, info.forward_message
     it = "" if iterations is None else f" after {iterations} iterations"
     said = f" The solver said: {message}." if message else ""
-    if cond.batch_ndim:
+    if info._batched:
         worst = max(failed, key=lambda i: values[i] / thresholds[i])
         where = (f" in {len(failed)} of {len(values)} problems of the batch (worst: "
                  f"{values[worst]:.3e}, initial {initials[worst]:.3e}, "
                  f"tolerance {thresholds[worst]:.3e})")
     else:
         where = f" (initial {initials[0]:.3e}, tolerance {thresholds[0]:.3e})"
-    report(
+    return (
         f"The inner solution is not stationary: ‖condition‖ = {residual:.3e}{it}{where}.{said} "
         "The implicit gradient assumes x* solves the inner problem; its error grows linearly "
         "with this residual. Run the inner solver longer or to a tighter tol, or pass a larger "
-        "forward_tol if this accuracy is enough.",
-        options.on_failure,
+        "forward_tol if this accuracy is enough."
     )
-    return x, lin, None

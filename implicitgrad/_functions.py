@@ -35,7 +35,7 @@ from ._linear import solve_linear
 from ._linearize import AutogradLinearization, linearize
 from ._problem import Condition
 from ._rules import linear_solve_jvp, linear_solve_vjp, root_jvp, root_vjp
-from .linalg._base import all_finite, poison
+from .linalg._base import all_finite, nonfinite_flags, poison
 
 __all__ = ["Carry", "ImplicitSolve", "LinearSolve"]
 
@@ -113,18 +113,25 @@ class Carry:
         self.bad: Optional[torch.Tensor] = None
 
 
-def _guard_cotangent(cond: Condition, options: Options, bad: Optional[torch.Tensor], v) -> List[torch.Tensor]:
+#: What a non-finite incoming gradient is reported with.
+NONFINITE_COTANGENT = ("implicit differentiation: the incoming gradient with respect to x* contains "
+                       "NaN/Inf; the hypergradient will be non-finite. Check the outer loss.")
+
+
+def _guard_cotangent(cond: Condition, options: Options, sink: SolveInfo, bad: Optional[torch.Tensor],
+                     v) -> List[torch.Tensor]:
     """At a non-finite solution (``bad``) the derivative is undefined: NaN, whatever the
-    products give; a non-finite incoming gradient is reported."""
+    products give; a non-finite incoming gradient is reported (with ``on_failure="defer"``,
+    when :meth:`SolveInfo.verify` reads it)."""
     v = list(v)
     if bad is not None:
         v = poison(v, bad, cond.batch_ndim)
-    if not all_finite([t for t in v if host_readable(t)]):
-        report(
-            "implicit differentiation: the incoming gradient with respect to x* contains "
-            "NaN/Inf; the hypergradient will be non-finite. Check the outer loss.",
-            options.on_failure,
-        )
+    readable = [t for t in v if host_readable(t)]
+    if options.on_failure == "defer" and readable:
+        sink.defer(nonfinite_flags([readable], 0).reshape(1).double(),
+                   lambda values: NONFINITE_COTANGENT if values[0] else None)
+    elif not all_finite(readable):
+        report(NONFINITE_COTANGENT, options.on_failure)
     return v
 
 
@@ -156,7 +163,7 @@ class ImplicitSolve(torch.autograd.Function):
         grads = [None] * len(p)
         lin, ctx.lin = ctx.lin, None  # released after one use: it holds a graph of F
         if any(p_needs):
-            v = _guard_cotangent(cond, options, ctx.bad, v)
+            v = _guard_cotangent(cond, options, ctx.sink, ctx.bad, v)
             # First order: one graph of F serves every product and the final VJP.
             differentiable = torch.is_grad_enabled() or _wrapped(x + p + v)
             if not differentiable and uses_compiled_backward(cond, options.linear_solver):

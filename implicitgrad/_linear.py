@@ -8,7 +8,7 @@ is reported with the measured numbers and the fix.
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -16,7 +16,15 @@ from ._compat import host_readable
 from ._diagnostics import LinearSolveInfo, SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
-from .linalg._base import PytreeLayout, dot, norm, product_precision, propagate_nonfinite, run_linear_solver
+from .linalg._base import (
+    PytreeLayout,
+    deferred_checks,
+    dot,
+    norm,
+    product_precision,
+    propagate_nonfinite,
+    run_linear_solver,
+)
 from .linalg._recycle import recycling
 from .linalg.cgnr import transposed_product
 
@@ -32,7 +40,10 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
     float16 / bfloat16 systems are solved in float32 (the products stay in the problem's
     dtype; the solver's vectors and reductions, whose sums of many rounded terms would
     stall or overflow, do not), for every solver alike. A solve that met non-finite
-    values returns NaN for the systems concerned, never a finite guess.
+    values returns NaN for the systems concerned, never a finite guess. With
+    ``on_failure="defer"`` the solve and its checks run without a host read (the solver
+    returns NaN itself where it met NaN/Inf) and its outcome is kept for
+    :meth:`SolveInfo.verify`.
     """
     op = lin.rmatvec if transpose else lin.matvec
     dtype = b[0].dtype
@@ -52,11 +63,13 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
     warm = options.warm_start if options.warm_start is not None and options.warm_start.usable(b) else None
     init = None if warm is None else warm.initial_guess(kind, b)
     recycler = None if warm is None else warm.recycler(kind)
-    with product_precision(dtype), transposed_product(other), recycling(recycler):
+    defer = options.on_failure == "defer"
+    with product_precision(dtype), transposed_product(other), recycling(recycler), deferred_checks(defer):
         if not cond.symmetric and getattr(options.linear_solver, "symmetric", False):
-            _check_symmetric(cond, options, op, b)
+            _check_symmetric(cond, options, sink, op, b)
         solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout, init=init)
-    solution = propagate_nonfinite(op, b, solution, info, n)
+    if not defer:
+        solution = propagate_nonfinite(op, b, solution, info, n)
     if warm is not None:
         warm.store(kind, solution)
     solution = [t.to(dtype) for t in solution]
@@ -66,8 +79,23 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
 
 def record_outcome(cond: Condition, options: Options, sink: SolveInfo, info: LinearSolveInfo,
                    transpose: bool) -> None:
-    """Record a linear solve's info in ``sink`` and report a failed or useless solve."""
+    """Record a linear solve's info in ``sink`` and report a failed or useless solve (with
+    ``on_failure="defer"``: when :meth:`SolveInfo.verify` has read its outcome)."""
     sink.record(info)
+    if info._deferred is not None:
+        def settle(values):
+            info.settle(values)
+            return outcome_message(cond, info, transpose)
+
+        sink.defer(info._deferred[0], settle)
+        return
+    message = outcome_message(cond, info, transpose)
+    if message is not None:
+        report(message, options.on_failure)
+
+
+def outcome_message(cond: Condition, info: LinearSolveInfo, transpose: bool) -> Optional[str]:
+    """What to report about a failed or useless linear solve, ``None`` for a good one."""
     worse_than_zero = info.residual > 1
     if not info.converged or worse_than_zero:
         failures = []
@@ -88,20 +116,21 @@ def record_outcome(cond: Condition, options: Options, sink: SolveInfo, info: Lin
                 "for a non-symmetric one ig.GMRES; or add damping, or solve the inner problem "
                 "further"
             )
-        report(
+        return (
             f"implicit differentiation: the linear solve for the "
             f"{'backward' if transpose else 'forward-mode'} pass {' and '.join(failures)}. {info}"
-            + (f" {fits}" if not info.converged else ""),
-            options.on_failure,
+            + (f" {fits}" if not info.converged else "")
         )
+    return None
 
 
-def _check_symmetric(cond: Condition, options: Options, op: Callable, b: List[torch.Tensor]) -> None:
+def _check_symmetric(cond: Condition, options: Options, sink: SolveInfo, op: Callable, b: List[torch.Tensor]) -> None:
     """Measures whether ``A`` is symmetric before a solver that assumes it (CG, MINRES) runs.
 
     With ``u = b`` and a fixed, non-random probe ``w``: ``|⟨Au, w⟩ − ⟨u, Aw⟩| ≤ τ ‖Au‖‖w‖``
     per system, ``τ = 1e3·ε`` of the dtype (products of a symmetric ``A`` agree to rounding).
-    Two products; skipped on batched tensors, whose values the host cannot read.
+    Two products; skipped on batched tensors, whose values the host cannot read. With
+    ``on_failure="defer"`` the measure is kept for :meth:`SolveInfo.verify`.
     """
     if not all(host_readable(t) for t in b):
         return
@@ -113,12 +142,18 @@ def _check_symmetric(cond: Condition, options: Options, op: Callable, b: List[to
     scale = norm(au, n) * norm(w, n)
     tau = 1e3 * torch.finfo(b[0].dtype).eps
     asymmetric = gap > tau * scale
-    if bool(asymmetric.any()):
-        worst = float((gap / scale.clamp_min(torch.finfo(b[0].dtype).tiny)).max())
-        report(
-            f"{type(options.linear_solver).__name__} assumes a symmetric matrix, but the {cond.name} "
-            f"condition's matrix A = {cond.matrix} is not symmetric: measured |⟨Au, w⟩ − ⟨u, Aw⟩| / (‖Au‖‖w‖) = "
-            f"{worst:.2e}. The backward solve can stop with a wrong gradient. Use linear_solver=ig.GMRES() "
-            "(or ig.BiCGStab(), or ig.Exact() for small problems).",
-            "ignore" if options.on_failure == "ignore" else "warn",
-        )
+    worst = (gap / scale.clamp_min(torch.finfo(b[0].dtype).tiny)).max()
+    if options.on_failure == "defer":
+        sink.defer(torch.stack([asymmetric.any().to(worst.dtype), worst]),
+                   lambda values: _asymmetry_message(cond, options, values[1]) if values[0] else None)
+    elif bool(asymmetric.any()):
+        report(_asymmetry_message(cond, options, float(worst)), "ignore" if options.on_failure == "ignore" else "warn")
+
+
+def _asymmetry_message(cond: Condition, options: Options, worst: float) -> str:
+    return (
+        f"{type(options.linear_solver).__name__} assumes a symmetric matrix, but the {cond.name} "
+        f"condition's matrix A = {cond.matrix} is not symmetric: measured |⟨Au, w⟩ − ⟨u, Aw⟩| / (‖Au‖‖w‖) = "
+        f"{worst:.2e}. The backward solve can stop with a wrong gradient. Use linear_solver=ig.GMRES() "
+        "(or ig.BiCGStab(), or ig.Exact() for small problems)."
+    )

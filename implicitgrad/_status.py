@@ -30,6 +30,8 @@ class Status(str, enum.Enum):
     ``preconditioner_not_spd``    MINRES: the preconditioner is not positive definite
     ``ill_conditioned``           Exact: the factorisation lost accuracy on a regular matrix
     ``nonfinite``                 NaN/Inf met in the data or the iterates
+    ``deferred``                  not read yet (``on_failure="defer"``): ``SolveInfo.verify()``
+                                  reads it
     ============================  =========================================================
     """
 
@@ -43,6 +45,7 @@ class Status(str, enum.Enum):
     PRECONDITIONER_NOT_SPD = "preconditioner_not_spd"
     ILL_CONDITIONED = "ill_conditioned"
     NONFINITE = "nonfinite"
+    DEFERRED = "deferred"
 
     def __str__(self) -> str:
         return self.value
@@ -91,6 +94,10 @@ MESSAGES: Dict[Union[Status, Tuple[str, Status]], str] = {
         "problem, or compute in float64."
     ),
     Status.NONFINITE: _NONFINITE,
+    Status.DEFERRED: (
+        "{solver}: the outcome of this solve is still on the device (on_failure='defer'); "
+        "SolveInfo.verify() reads it and reports it."
+    ),
     ("CG", Status.MAX_ITERATIONS): (
         "CG did not reach tol={tol:.1e} (relative residual {res:.2e}). Increase maxiter, "
         "add damping to improve the conditioning, or pass a preconditioner."

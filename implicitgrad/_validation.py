@@ -17,7 +17,8 @@ inner ``tol``      a finite number in ``[0, 1)``, relative to
 step sizes         finite and > 0 (``lr``, ``alpha``)
 ``damping``        finite and ≥ 0 (a shift of the linear system)
 ``forward_tol``    ``None`` (the dtype's default) or finite and > 0
-``on_failure``     ``"warn"``, ``"raise"`` or ``"ignore"``
+``on_failure``     ``"warn"``, ``"raise"`` or ``"ignore"``; the core's calls
+                   also ``"defer"`` (with ``return_info=True``)
 ``linear_solver``  ``None`` (the default), a linear solver instance
                    (``ig.CG()``), or a plain callable
                    ``linear_solver(matvec, b) -> x`` or ``-> (x, info)``
@@ -126,10 +127,11 @@ def check_fraction(name: str, value: Any, owner: Optional[str] = None) -> float:
     return number
 
 
-def check_on_failure(on_failure: Any, owner: Optional[str] = None) -> str:
-    """One of :data:`ON_FAILURE`."""
-    if on_failure not in ON_FAILURE:
-        raise SettingError(f"{_prefix(owner)}on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+def check_on_failure(on_failure: Any, owner: Optional[str] = None, deferrable: bool = False) -> str:
+    """One of :data:`ON_FAILURE` (or ``"defer"`` where ``deferrable``: the core's calls)."""
+    allowed = ON_FAILURE + ("defer",) if deferrable else ON_FAILURE
+    if on_failure not in allowed:
+        raise SettingError(f"{_prefix(owner)}on_failure must be one of {allowed}, got {on_failure!r}.")
     return on_failure
 
 

@@ -303,18 +303,21 @@ class ManyProblems:
 
 def fixed_iteration_problem(device, dtype=torch.float64, n: int = 50, d: int = 10, compile=False):
     """A hypergradient with a fixed amount of work: 20 gradient-descent steps forward, 10 CG
-    iterations backward, diagnostics off. Returns ``step(log_lam) -> gradient`` and a
-    starting ``log_lam`` (per-feature, ``d`` entries). ``compile``: as ``ig.CG``'s."""
+    iterations backward, its checks deferred (``on_failure="defer"``: no host read in the
+    step). Returns ``step(log_lam) -> (gradient, info)`` and a starting ``log_lam``
+    (per-feature, ``d`` entries); ``info.verify()`` reads the checks. ``compile``: as
+    ``ig.CG``'s."""
     g = _generator(6)
     X = torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     y = torch.sign(torch.randn(n, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
     solver = ig.solvers.GradientDescent(lr=0.5, maxiter=20, tol=0)
     linear_solver = ig.CG(maxiter=10, tol=1e-30, check_every=10, compile=compile)
 
-    def step(log_lam: torch.Tensor) -> torch.Tensor:
-        w = ig.implicit_solve(_logistic, torch.zeros(d, dtype=dtype, device=device), log_lam, X, y,
-                              solver=solver, linear_solver=linear_solver, on_failure="ignore")
-        return torch.autograd.grad(F.softplus(-y * (X @ w)).mean(), log_lam)[0]
+    def step(log_lam: torch.Tensor) -> Tuple[torch.Tensor, ig.SolveInfo]:
+        w, info = ig.implicit_solve(_logistic, torch.zeros(d, dtype=dtype, device=device), log_lam, X, y,
+                                    solver=solver, linear_solver=linear_solver, on_failure="defer",
+                                    return_info=True)
+        return torch.autograd.grad(F.softplus(-y * (X @ w)).mean(), log_lam)[0], info
 
     return step, torch.full((d,), -1.0, dtype=dtype, device=device)
 

@@ -5,7 +5,8 @@ Run them all, with a report, by ``python -m implicitgrad.testing.gpu_check``.
 * host synchronisations of the backward linear solves (CG, MINRES, GMRES) and of the
   forward solves with their checks, counted with ``torch.cuda.set_sync_debug_mode``:
   at most ``⌈iterations / check_every⌉`` plus a constant per call;
-* a fixed-iteration hypergradient captured in a CUDA graph and replayed, equal to eager;
+* a fixed-iteration hypergradient with deferred checks (``on_failure="defer"``) captured in
+  a CUDA graph and replayed, equal to eager, its checks read after each replay;
 * the iMAML meta-step, the DEQ layer and the QP layer: the same numbers on CUDA as on
   the CPU, to 1e-10 in float64 and 1e-5 in float32;
 * ``torch.func.vmap`` over 1,024 small problems against a Python loop (equal results;
@@ -55,8 +56,10 @@ def test_synchronisations_bounded(kind, name, every, record_property):
 
 # ------------------------------------------------------------------ CUDA graph
 def test_fixed_iteration_hypergradient_in_cuda_graph():
-    """20 gradient-descent steps forward and 10 CG iterations backward, captured once in a
-    CUDA graph and replayed on new hyperparameters: the gradients equal eager ones.
+    """20 gradient-descent steps forward and 10 CG iterations backward, its checks deferred
+    (``on_failure="defer"``), captured once in a CUDA graph and replayed on new
+    hyperparameters: the gradients equal eager ones, and ``info.verify()`` after each replay
+    reads that replay's checks (the same numbers as the eager call's).
 
     A capture forbids host synchronisations, so the step is first counted eagerly: a
     failure then names each place that reads a value back to the host.
@@ -78,14 +81,18 @@ def test_fixed_iteration_hypergradient_in_cuda_graph():
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_grad = step(static)
+        static_grad, static_info = step(static)
     for shift in (0.5, -0.3, 1.2):
         new = start + shift * torch.linspace(-1, 1, start.numel(), device=CUDA, dtype=start.dtype)
         with torch.no_grad():
             static.copy_(new)
         graph.replay()
-        eager = step(new.clone().requires_grad_(True))
+        eager, eager_info = step(new.clone().requires_grad_(True))
         assert cases.rel_diff(static_grad, eager) <= 1e-12
+        static_info.verify(on_failure="ignore")
+        eager_info.verify(on_failure="ignore")
+        assert static_info.forward_residual == pytest.approx(eager_info.forward_residual, rel=1e-10)
+        assert static_info.backward.residual == pytest.approx(eager_info.backward.residual, rel=1e-6, abs=1e-300)
 
 
 def test_compiled_backward_captured_as_a_cuda_graph():
@@ -95,8 +102,8 @@ def test_compiled_backward_captured_as_a_cuda_graph():
     compiled_step, _ = cases.fixed_iteration_problem(CUDA, compile={"mode": "reduce-overhead"})
     for shift in (0.0, 0.5, -0.3, 1.2):
         new = start + shift * torch.linspace(-1, 1, start.numel(), device=CUDA, dtype=start.dtype)
-        compiled = compiled_step(new.clone().requires_grad_(True))
-        eager = step(new.clone().requires_grad_(True))
+        compiled, _ = compiled_step(new.clone().requires_grad_(True))
+        eager, _ = step(new.clone().requires_grad_(True))
         assert cases.rel_diff(compiled, eager) <= 1e-10
 
 

@@ -142,6 +142,22 @@ def test_host_reads_bounded(kind, name, every):
     cases.check_syncs(syncs, iterations, every, per_call, f"{name} {kind}")
 
 
+@pytest.mark.parametrize("compile", [False, {"backend": "aot_eager"}], ids=["eager", "compiled"])
+def test_the_captured_step_reads_nothing_and_verifies_like_eager(compile):
+    """The step test_cuda.py captures in a CUDA graph: no host read on the CPU stand-in (each
+    would be a synchronisation that breaks the capture), and its deferred checks, read by
+    verify(), equal the eager call's reports."""
+    step, start = cases.fixed_iteration_problem("cpu", compile=compile)
+    step(start.clone().requires_grad_(True))
+    with count_syncs(host_reads) as syncs:
+        grad, info = step(start.clone().requires_grad_(True))
+    assert syncs.count == 0, syncs.summary()
+    assert torch.isfinite(grad).all()
+    info.verify(on_failure="ignore")
+    assert info.forward_status == "not_converged"  # 20 steps, by design
+    assert info.backward.iterations == 10 and info.backward.status == "max_iterations"  # tol=1e-30
+
+
 @pytest.mark.parametrize("case", list(cases.DEVICE_CASES))
 def test_device_cases_allow_a_float32_comparison(case):
     """float32 agrees with float64 within the cross-device tolerance of float32: a larger

@@ -43,6 +43,23 @@ def product_precision(dtype: torch.dtype) -> ContextManager[None]:
     return scoped(_PRODUCT_DTYPE, dtype)
 
 
+# Whether the solve runs for an on_failure="defer" call: no value read by the host.
+_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("implicitgrad_deferring", default=False)
+
+
+def deferred_checks(defer: bool) -> ContextManager[None]:
+    """Within the block (``defer`` true), a solver that supports it (``defers = True``:
+    :class:`~implicitgrad.CG`) reads no value back to the host: it runs its ``maxiter``
+    iterations, systems that converge stop moving, and its outcome is a
+    :meth:`LinearSolveInfo.deferred`."""
+    return scoped(_DEFERRING, defer)
+
+
+def deferring() -> bool:
+    """Whether the enclosing block is a :func:`deferred_checks` block."""
+    return _DEFERRING.get()
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The coarser of ``dtype`` and the products' dtype (see :func:`product_precision`)."""
     products = _PRODUCT_DTYPE.get()
@@ -349,6 +366,12 @@ def nonfinite_systems(
     if matvec is None and x is None and all(host_readable(t) for t in b) and all_finite(b):
         return torch.zeros(b[0].shape[:batch_ndim], dtype=torch.bool, device=b[0].device)
     vectors = [b] + ([] if x is None else [x]) + ([] if matvec is None or x is None else [matvec(x)])
+    return nonfinite_flags(vectors, batch_ndim)
+
+
+def nonfinite_flags(vectors: Sequence[Vector], batch_ndim: int) -> torch.Tensor:
+    """Per system (shape: the batch dims): whether any of ``vectors`` has NaN/Inf in it.
+    Computed on the device, not read."""
     bad = None
     for vector in vectors:
         for t in vector:

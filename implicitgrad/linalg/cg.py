@@ -8,11 +8,13 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .._diagnostics import LinearSolveInfo
+from .._status import Status
 from ._base import (
     Matvec,
     PytreeLayout,
     SymmetricIterativeSolver,
     Vector,
+    deferring,
     packing,
     safe_div,
     working_dtype,
@@ -92,6 +94,14 @@ class CG(SymmetricIterativeSolver):
     In a batch only the affected system stops; the others go on. For a symmetric
     indefinite ``A`` use :class:`~implicitgrad.MINRES`.
 
+    **Deferred checks.** Inside an ``on_failure="defer"`` call (``defers = True``), CG reads
+    no value back to the host: it runs its ``maxiter`` iterations, the systems that
+    converge or stop keep their iterate (their step size is 0), a direction of
+    non-positive curvature is classified in the iteration it is met (two more inner
+    products per iteration, no product with ``A``), the systems that met NaN/Inf return NaN,
+    and the outcome is read later by :meth:`~implicitgrad.SolveInfo.verify`. That fixed
+    amount of work is what a CUDA graph can capture.
+
     Example:
         >>> import torch, implicitgrad as ig
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -108,6 +118,9 @@ class CG(SymmetricIterativeSolver):
     #: counted in ``iterations``); in between, the residual follows the recursion
     #: ``r ← r − α A p``, which drifts from the true one over long runs.
     RESIDUAL_EVERY = 50
+
+    #: CG can run without reading a value back to the host (``on_failure="defer"``).
+    defers = True
 
     def __init__(
         self,
@@ -179,13 +192,14 @@ class CG(SymmetricIterativeSolver):
         p = z
         rz = vecdot(r, z)
         rr = rz if plain else vecdot(r, r)  # squared residual norms, per system
-        host = every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
+        defer = deferring()
+        host = not defer and every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
         floor2 = (ROUNDING_FACTOR * torch.finfo(working_dtype(rhs.dtype)).eps) ** 2 * bb
         book: Union[_HostBook, _DeviceBook] = (_HostBook(x, rr, rz, tol**2 * bb, floor2) if host
-                       else _DeviceBook(x, rr, rz, tol**2 * bb, floor2, every == 1))
+                       else _DeviceBook(x, rr, rz, tol**2 * bb, floor2, every == 1 and not defer, defer))
         status, used, step, p_index = None, 0, 0, 1  # p_index: the iteration whose direction p is
         ap = p
-        finished = book.all_done()
+        finished = not defer and book.all_done()
         while not finished and used < self.maxiter:
             step += 1
             ap = op(p)
@@ -196,6 +210,8 @@ class CG(SymmetricIterativeSolver):
             # A system leaves the batch when it converged, met a direction of non-positive
             # curvature (the step along it is not taken) or diverged; the others go on.
             alpha = book.step_size(step, pap)
+            if isinstance(book, _DeviceBook) and defer:
+                book.classify(p, ap)
             x_new = torch.addcmul(x, alpha, p)
             if step % self.RESIDUAL_EVERY == 0 and used < self.maxiter:
                 # The recursion r ← r − α A p drifts from b − A x over long runs.
@@ -207,7 +223,7 @@ class CG(SymmetricIterativeSolver):
             rz_new = vecdot(r_new, z_new)
             rr = rz_new if plain else vecdot(r_new, r_new)
             p_index = step
-            check = step % every == 0 or used >= self.maxiter
+            check = not defer and (step % every == 0 or used >= self.maxiter)
             # The book may keep a system's previous x, r, z (a step it decided not to take).
             (x, r, z, rz_new), verdict = book.after_step(step, (x, r, z), (x_new, r_new, z_new), rr, rz_new, check)
             if verdict == "nonfinite":
@@ -222,6 +238,8 @@ class CG(SymmetricIterativeSolver):
             # A system out of the batch keeps x, r, z, so β = 1 for it: p moves by z.
             p = torch.addcmul(z, book.beta(rz_new), p)
             p_index = step + 1
+        if isinstance(book, _DeviceBook) and defer:
+            return book.deferred(self, used, bb, tol, unpack)
         if status is None:
             status, products = book.status(op, p, z, p_index, ap)
             used += products
@@ -257,12 +275,18 @@ def _null_directions(op: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor
     if ap is None or bool((lag != 0).any()):
         p = torch.addcmul(p, -lag.unsqueeze(-1), z)
         ap, products = op(p), 1
+    return _null_vectors(p, ap, peak), products
+
+
+def _null_vectors(p: torch.Tensor, ap: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """Per system, whether the direction ``p`` of non-positive curvature is a numerical
+    null vector of ``A`` (see :func:`_null_directions`)."""
     pp, pap, apap = vecdot(p, p), vecdot(p, ap), vecdot(ap, ap)
     scale = torch.maximum(peak, safe_div(apap, pp).sqrt())
     delta = 32 * torch.finfo(working_dtype(p.dtype)).eps
     clearly_negative = pap < -delta * scale * pp
     annihilated = apap <= delta * scale.square() * pp
-    return annihilated & ~clearly_negative, products
+    return annihilated & ~clearly_negative
 
 
 def _ending(negative: bool, diverging: bool, stopped: bool) -> Optional[str]:
@@ -416,8 +440,8 @@ class _HostBook(_Book):
 class _DeviceBook(_Book):
     """Per-system scalars as tensors on the device, read every ``check_every`` iterations."""
 
-    def __init__(self, x, rr, rz, threshold2, floor2, every_one: bool = False):
-        self.every_one = every_one
+    def __init__(self, x, rr, rz, threshold2, floor2, every_one: bool = False, defer: bool = False):
+        self.every_one, self.defer = every_one, defer
         self.threshold2, self.floor2 = threshold2, floor2
         self.rr, self.rz = rr, rz
         self.best_x, self.best_rr = x, rr
@@ -425,6 +449,10 @@ class _DeviceBook(_Book):
         self.negative = self.diverged = self.null = torch.zeros_like(self.done)
         self.peak = torch.zeros_like(rr)
         self.flip = torch.zeros_like(rr)
+        # Deferred checks only: the systems that met NaN/Inf, and those whose direction of
+        # non-positive curvature was a null vector.
+        self.nonfinite = ~torch.isfinite(rr)
+        self.singular = torch.zeros_like(self.done)
 
     def all_done(self) -> bool:
         return bool(self.done.all())
@@ -432,6 +460,7 @@ class _DeviceBook(_Book):
     def step_size(self, step, pap):
         self.active = ~self.done
         bad = self.active & (pap <= 0)
+        self.flipped = bad
         good = self.active & ~bad  # NaN moves on, and is caught at the next check
         self.done = self.done | bad
         self.negative = self.negative | bad
@@ -452,6 +481,8 @@ class _DeviceBook(_Book):
         self.done = self.done | self.grew | (rr <= self.threshold2)
         self.rr, self.rz_new = rr, rz
         self.giant_step = False
+        if self.defer:
+            self.nonfinite = self.nonfinite | ~torch.isfinite(rr)
         if not check:
             return (*new, rz), None
         nonfinite, finished, giant = torch.stack([~torch.isfinite(rr).all(), self.done.all(), self.grew.any()]).tolist()
@@ -484,3 +515,20 @@ class _DeviceBook(_Book):
 
     def best(self):
         return self.best_x, self.best_rr
+
+    def classify(self, p, ap):
+        """Deferred checks: whether each direction that just met ``pᵀAp ≤ 0`` is a null
+        vector, decided while ``p`` and ``Ap`` are at hand (no product after the solve)."""
+        self.singular = self.singular | (self.flipped & _null_vectors(p, ap, self.peak))
+
+    def deferred(self, solver, used, bb, tol, unpack):
+        """Deferred checks: the best iterates (NaN for the systems that met NaN/Inf) and a
+        :meth:`LinearSolveInfo.deferred` whose flags name the statuses as :meth:`status`
+        and :func:`_ending` would (without the null test of a giant step)."""
+        best_x, best_rr = self.best()
+        x = torch.where(self.nonfinite.unsqueeze(-1), torch.full_like(best_x, math.nan), best_x)
+        flags = [(Status.NONFINITE, self.nonfinite), (Status.NEGATIVE_CURVATURE, self.negative & ~self.singular),
+                 (Status.DIVERGING, self.diverged & ~self.negative), (Status.SINGULAR, self.negative | self.diverged)]
+        info = LinearSolveInfo.deferred(safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt()), tol, flags=flags,
+                                        iterations=used, solver=type(solver).__name__)
+        return unpack(x), info
