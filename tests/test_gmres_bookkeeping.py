@@ -114,7 +114,7 @@ def rel_close(a, b, tol):
 
 def test_the_host_path_runs_for_one_system_checked_every_step(monkeypatch):
     calls = {"host": 0, "device": 0}
-    host_cycle, device_cycle = gmres_module._host_cycle, gmres_module._cycle
+    host_cycle, device_cycle = gmres_module._HostArnoldi.cycle, gmres_module._cycle
 
     def count(name, fn):
         def counted(*args, **kwargs):
@@ -122,7 +122,7 @@ def test_the_host_path_runs_for_one_system_checked_every_step(monkeypatch):
             return fn(*args, **kwargs)
         return counted
 
-    monkeypatch.setattr(gmres_module, "_host_cycle", count("host", host_cycle))
+    monkeypatch.setattr(gmres_module._HostArnoldi, "cycle", count("host", host_cycle))
     monkeypatch.setattr(gmres_module, "_cycle", count("device", device_cycle))
     a = _nonsymmetric(20, 5)
     b = _rhs(20, 5)
@@ -158,3 +158,45 @@ def test_float32_host_path_against_a_dense_solve():
     x, info = ig.GMRES()(lambda v: a.float() @ v, b.float())
     assert info.converged and x.dtype == torch.float32
     assert rel_close(x.double(), torch.linalg.solve(a, b), 1e-4)
+
+
+def _spread_spectrum(n, decades, normal):
+    """``Q (diag(λ) + N) Qᵀ`` with ``λ`` log-spaced over ``decades`` and ``N`` zero or
+    strictly upper triangular: Krylov vectors that grow nearly dependent, where one
+    classical Gram-Schmidt pass loses orthogonality."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    upper = 0 if normal else torch.triu(torch.randn(n, n, generator=g, dtype=DT), 1)
+    return q @ (torch.diag(torch.logspace(0, decades, n, dtype=DT)) + upper) @ q.T
+
+
+BASES = {
+    "near_identity": lambda n: _nonsymmetric(n, 10, 0.3),
+    "random": lambda n: _nonsymmetric(n, 10, 1.5),
+    "shifted": lambda n: _nonsymmetric(n, 10, 1.0, 3.0),
+    "spectrum_1e8": lambda n: _spread_spectrum(n, 8, True),
+    "nonnormal_1e8": lambda n: _spread_spectrum(n, 8, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASES))
+def test_the_host_basis_stays_orthonormal(case):
+    """One Gram-Schmidt pass where it suffices, two where it does not, the products shifted
+    by v₀ᵀ A v₀: the basis stays orthonormal to rounding (one pass alone loses about
+    1e-13 on the spread spectra) and A V_k = V_{k+1} H̄_k holds."""
+    n, k = 300, 40
+    a = BASES[case](n)
+    b = _rhs(n, 10).unsqueeze(0)
+    arnoldi = gmres_module._HostArnoldi(lambda v: v @ a.T, b, k)
+    try:
+        _, taken, invariant = arnoldi.cycle(b, float(b.norm()), 1e-300, torch.zeros_like(b), k)
+        basis = arnoldi.rows.basis[: taken + 1].clone()
+    finally:
+        arnoldi.rows.give_back()
+    assert taken == k and not invariant
+    gram = basis @ basis.T
+    assert float((gram - torch.eye(k + 1, dtype=DT)).abs().max()) <= 1e-14
+    # The Krylov space of b: each A v_j lies in the span of v_0 … v_{j+1}.
+    products = basis[:k] @ a.T
+    remainder = products - (products @ basis.T) @ basis
+    assert float(remainder.norm() / products.norm()) <= 1e-13

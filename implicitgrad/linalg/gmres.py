@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -126,16 +126,16 @@ class GMRES(IterativeSolver):
         b_norm, r_norm = system.host_norms()
         threshold = tol * b_norm
         tiny = torch.finfo(rhs.dtype).tiny
-        nonfinite, broken, rows = not math.isfinite(r_norm), False, None
-        done, scale = r_norm <= threshold, 0.0
+        nonfinite, broken, arnoldi = not math.isfinite(r_norm), False, None
+        done = r_norm <= threshold
         try:
             while True:
                 steps = min(self.restart, self.maxiter - used - 1)
                 if steps < 1 or done or broken or nonfinite:
                     break
-                if rows is None:
-                    rows = _Rows.borrow(rhs, min(self.restart, self.maxiter))
-                x, taken, invariant, scale = _host_cycle(op, r, r_norm, max(threshold, tiny), x, steps, rows, scale)
+                if arnoldi is None:
+                    arnoldi = _HostArnoldi(op, rhs, min(self.restart, self.maxiter))
+                x, taken, invariant = arnoldi.cycle(r, r_norm, max(threshold, tiny), x, steps)
                 used += taken + 1
                 r = rhs - op(x)
                 new_norm = float(torch.linalg.vector_norm(r))
@@ -143,8 +143,8 @@ class GMRES(IterativeSolver):
                 broken = invariant and new_norm > threshold and new_norm >= r_norm
                 done, r_norm = new_norm <= threshold, new_norm
         finally:
-            if rows is not None:
-                rows.give_back()
+            if arnoldi is not None:
+                arnoldi.rows.give_back()
         status = "nonfinite" if nonfinite else "breakdown" if broken else None
         if nonfinite:
             x = torch.full_like(x, math.nan)
@@ -351,74 +351,111 @@ class _Space:
         return self._views[j]
 
 
-def _host_cycle(op, r: torch.Tensor, beta: float, limit: float, x: torch.Tensor, steps: int, rows: _Rows,
-                scale: float) -> Tuple[torch.Tensor, int, bool, float]:
-    r"""One Arnoldi cycle of a single system (``r``: ``(1, n)``, ``‖r‖ = beta``) whose scalars
-    live on the host; the same decisions as :func:`_cycle`.
+class _HostArnoldi:
+    r"""Arnoldi cycles of a single system (``(1, n)`` vectors) whose scalars live on the host;
+    the same decisions as :func:`_cycle`, one host read per step.
 
-    Step ``j`` stores ``w = A v_j`` as row ``j + 1`` of the basis, and one product with rows
-    ``0 … j + 1`` gives the Gram-Schmidt coefficients :math:`h = V_j^T w` and
+    Step ``j`` stores ``w = (A - σI) v_j`` as row ``j + 1`` of the basis, and one product with
+    rows ``0 … j + 1`` gives the Gram-Schmidt coefficients :math:`h = V_j^T w` and
     :math:`\|w\|^2` together, read at once. With :math:`V_j` orthonormal,
     :math:`\|w - V_j h\|^2 = \|w\|^2 - \|h\|^2`; while that keeps at least half of
     :math:`\|w\|^2`, one pass is orthogonal to working precision and the new basis vector
-    is :math:`(w - V_j h) / \|w - V_j h\|` in one operation. Below, cancellation has set in
-    and the pass is repeated, its norm measured (the criterion of Daniel, Gragg, Kaufman
-    and Stewart). The new Hessenberg column is reduced by the earlier rotations and a new
-    one on Python numbers; the residual estimate ``|g_{j+1}|`` is a running product of the
-    sines. The triangular system is solved when the cycle ends, and ``x + V_k y`` formed in
-    one operation. Returns that iterate, the steps taken, and whether Arnoldi met a
-    (numerically) invariant subspace.
+    :math:`(w - V_j h) / \|w - V_j h\|` is one operation; otherwise the pass is repeated
+    (the criterion of Daniel, Gragg, Kaufman and Stewart), and a vector that the second pass
+    cancels as well lies in the span of the basis (Kahan and Parlett's "twice is enough").
+
+    The shift :math:`σ = v_0^T A v_0` (zero for the first step of a solve) leaves the Krylov
+    space unchanged, :math:`\bar H = \bar H_{A - σI} + σ I`, and removes the component of
+    :math:`A v_j` along :math:`v_j`, which for a matrix close to a multiple of the identity
+    (the Jacobians of contractive fixed points and of well-conditioned root problems) is
+    most of it: without it the first pass would keep about a third of :math:`\|w\|` and
+    the second pass would run at every step.
+
+    Each new Hessenberg column is reduced by the earlier rotations and a new one on Python
+    numbers, the residual estimate :math:`|g_{j+1}|` is a running product of the sines, and
+    the triangular system is solved when the cycle ends. A cycle ends early at an invariant
+    subspace, judged against the largest :math:`\|A v_j\|` met (a lower bound of
+    :math:`\|A\|`): a remainder or a pivot below :math:`100\,ε` times it is rounding.
     """
-    finfo = torch.finfo(r.dtype)
-    tiny, eps = finfo.tiny, finfo.eps
-    # The products act on a fresh vector whose copy is in the basis (see _cycle).
-    vector = r * (1.0 / (beta + tiny))
-    rows.first.copy_(vector)
-    columns: List[List[float]] = []
-    rotations: List[Tuple[float, float]] = []
-    g = [beta]
-    estimate = beta / limit
-    invariant, degenerate_at = False, steps
-    for j in range(steps):
-        row, known_t, known, both, coefficients = rows.views(j)
-        row.copy_(op(vector))
-        vector, column, w_norm = _orthogonalise(row, known_t, known, both, coefficients, tiny)
-        row.copy_(vector)
-        # ‖A v_j‖ = ‖(h, ‖w‖)‖ bounds ‖A‖ from below; the product itself is exact only to
-        # about ε ‖A‖, so a remainder or a pivot below 100 ε ‖A‖ is rounding.
-        scale = max(scale, math.sqrt(sum(v * v for v in column) + w_norm * w_norm))
-        floor = 100 * eps * scale + 2 * tiny
-        # The reflection [[c, s], [s, −c]] of step i maps entries (i, i + 1) of the column.
-        pending = column[0]
-        for i, (cosine, sine) in enumerate(rotations):
-            below = column[i + 1]
-            column[i] = cosine * pending + sine * below
-            pending = sine * pending - cosine * below
-        radius = math.hypot(pending, w_norm)
-        cosine, sine = pending / radius, w_norm / radius
-        column[j] = radius
-        columns.append(column)
-        rotations.append((cosine, sine))
-        g.append(sine * g[j])
-        g[j] *= cosine
-        if w_norm <= floor or radius <= floor:
-            # An invariant subspace: further steps would be rounding. A vanishing pivot (A
-            # singular on the space) drops this step, which would only add a null-space
-            # component of any size.
-            invariant = True
-            degenerate_at = j if radius <= floor else j + 1
-            break
-        estimate *= sine
-        # NaN fails the comparison and ends the cycle: the measured residual reports it.
-        if not estimate > 1.0:
-            break
-    keep = min(len(columns), degenerate_at)
-    y = [0.0] * keep
-    for i in reversed(range(keep)):
-        y[i] = (g[i] - sum(columns[m][i] * y[m] for m in range(i + 1, keep))) / columns[i][i]
-    if keep:
-        x = torch.addmm(x, torch.tensor([y], dtype=x.dtype, device=x.device), rows.basis[:keep])
-    return x, len(columns), invariant, scale
+
+    def __init__(self, op: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, size: int) -> None:
+        self.op = op
+        self.rows = _Rows.borrow(rhs, size)
+        finfo = torch.finfo(rhs.dtype)
+        self.tiny, self.eps = finfo.tiny, finfo.eps
+        self.scale = 0.0
+        self.shift: Optional[float] = None
+
+    def cycle(self, r: torch.Tensor, beta: float, limit: float, x: torch.Tensor,
+              steps: int) -> Tuple[torch.Tensor, int, bool]:
+        """Up to ``steps`` steps from the residual ``r`` (norm ``beta``) until the estimate
+        reaches ``limit``; returns ``x + V_k y``, the steps taken and whether Arnoldi met an
+        invariant subspace."""
+        tiny, rows, shift = self.tiny, self.rows, self.shift
+        # The products act on a fresh vector whose copy is in the basis (see _cycle).
+        vector = r * (1.0 / (beta + tiny))
+        rows.first.copy_(vector)
+        columns: List[List[float]] = []
+        rotations: List[Tuple[float, float]] = []
+        g = [beta]
+        estimate = beta / limit
+        invariant, kept = False, steps
+        for j in range(steps):
+            row, known_t, known, both, coefficients = rows.views(j)
+            if shift is None:
+                row.copy_(self.op(vector))
+            else:
+                torch.sub(self.op(vector), vector, alpha=shift, out=row)
+            vector, column, w_norm = _orthogonalise(row, known_t, known, both, coefficients, tiny)
+            if shift is None:
+                shift = self.shift = column[0] if math.isfinite(column[0]) else 0.0
+            else:
+                column[j] += shift
+            # ‖A v_j‖ = ‖(h, ‖w‖)‖; the product itself is exact only to about ε ‖A‖.
+            self.scale = max(self.scale, math.sqrt(sum(v * v for v in column) + w_norm * w_norm))
+            floor = 100 * self.eps * self.scale + 2 * tiny
+            radius = _rotate(column, rotations, w_norm)
+            columns.append(column)
+            g.append(rotations[-1][1] * g[j])
+            g[j] *= rotations[-1][0]
+            if w_norm <= floor or radius <= floor:
+                # An invariant subspace: further steps would be rounding. A vanishing pivot
+                # (A singular on the space) drops this step, which would only add a
+                # null-space component of any size.
+                invariant, kept = True, j if radius <= floor else j + 1
+                break
+            estimate *= rotations[-1][1]
+            # NaN fails the comparison and ends the cycle: the measured residual reports it.
+            if not estimate > 1.0:
+                break
+        y = _back_substitution(columns, g, min(len(columns), kept))
+        if y:
+            x = torch.addmm(x, torch.tensor([y], dtype=x.dtype, device=x.device), rows.basis[: len(y)])
+        return x, len(columns), invariant
+
+
+def _rotate(column: List[float], rotations: List[Tuple[float, float]], below: float) -> float:
+    """Reduces a new Hessenberg column (in place; ``below`` is its subdiagonal entry) by the
+    earlier reflections and appends the one that zeroes ``below``; returns the new pivot."""
+    # The reflection [[c, s], [s, −c]] of step i maps entries (i, i + 1) of the column.
+    pending = column[0]
+    for i, (cosine, sine) in enumerate(rotations):
+        entry = column[i + 1]
+        column[i] = cosine * pending + sine * entry
+        pending = sine * pending - cosine * entry
+    radius = math.hypot(pending, below)
+    rotations.append((pending / radius, below / radius))
+    column[-1] = radius
+    return radius
+
+
+def _back_substitution(columns: List[List[float]], g: List[float], k: int) -> List[float]:
+    """``y`` with ``R y = g`` on the leading ``k × k`` block of the upper triangular ``R``
+    given by its columns."""
+    y = [0.0] * k
+    for i in reversed(range(k)):
+        y[i] = (g[i] - sum(columns[m][i] * y[m] for m in range(i + 1, k))) / columns[i][i]
+    return y
 
 
 #: One Gram-Schmidt pass is kept when it leaves at least this fraction of ``‖w‖²``.
@@ -428,9 +465,10 @@ _KEPT = 0.5
 def _orthogonalise(row: torch.Tensor, known_t: torch.Tensor, known: torch.Tensor, both: torch.Tensor,
                    coefficients: torch.Tensor, tiny: float) -> Tuple[torch.Tensor, List[float], float]:
     """``w`` (in ``row``, the basis row after ``known``) orthogonalised against ``known`` by
-    one or two classical Gram-Schmidt passes (see :func:`_host_cycle`): the new basis vector
-    (a fresh tensor), the coefficients and the norm ``‖w − V h‖ + tiny``. ``both`` receives
-    ``[V, w]ᵀ w`` and ``coefficients`` is its view on ``Vᵀ w``."""
+    one or two classical Gram-Schmidt passes (see :class:`_HostArnoldi`) and normalised in
+    place; returns a fresh copy of that new basis vector, the coefficients ``h`` and the
+    norm ``‖w − V h‖ + tiny``. ``both`` receives ``[V, w]ᵀ w`` and ``coefficients`` is its
+    view on ``Vᵀ w``."""
     torch.mm(row, known_t, out=both)
     *h, w2 = both.tolist()[0]
     left2 = w2 - sum(v * v for v in h)
@@ -449,7 +487,9 @@ def _orthogonalise(row: torch.Tensor, known_t: torch.Tensor, known: torch.Tensor
             row.zero_()
             return row.clone(), h, tiny
     w_norm = math.sqrt(left2) + tiny
-    return torch.addmm(row, coefficients, known, beta=1.0 / w_norm, alpha=-1.0 / w_norm), h, w_norm
+    vector = torch.addmm(row, coefficients, known, beta=1.0 / w_norm, alpha=-1.0 / w_norm)
+    row.copy_(vector)
+    return vector, h, w_norm
 
 
 class _Rows:
