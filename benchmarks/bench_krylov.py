@@ -306,6 +306,107 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
             "normal_equations": normal_equations(quick, reps, warmup, device)}
 
 
+# ---------------------------------------------------------------------------- where a GMRES step goes
+
+
+def step_profile(case: Dict[str, Any], rounds: int = 200) -> Dict[str, float]:
+    """Where a one-system GMRES solve (host bookkeeping) spends its time, in seconds: the
+    solve, its products alone (on prepared inputs, on fresh inputs, and through the pytree
+    wrapping and packing a solve puts around them), the bookkeeping of one step timed
+    alone — the store of the shifted product and the Gram-Schmidt pass(es) as the solver
+    runs them on a basis of the same size, and the rotation on Python numbers — and all of
+    these in one loop of the solve's steps. Medians of ``rounds`` interleaved rounds."""
+    import math
+    import statistics
+    import time
+
+    from implicitgrad._tree import tree_flatten
+    from implicitgrad.linalg import gmres
+    from implicitgrad.linalg._base import PytreeLayout, packing
+
+    matvec, rhs = case["matvec"], case["rhs"]
+    n = rhs.numel()
+
+    solver = ig.GMRES(maxiter=2000, tol=TOL)
+    products = solver(matvec, rhs)[1].iterations
+    steps = products - 1
+    inputs = [torch.randn(rhs.shape, generator=torch.Generator().manual_seed(i), dtype=DT) for i in range(products)]
+    flat_inputs = [v.reshape(1, n) for v in inputs]
+    wrapped = PytreeLayout(tree_flatten(rhs)[1]).wrap(matvec, "matvec's output")
+    pack, unpack = packing([rhs], 0)
+    rows = gmres._Rows.borrow(flat_inputs[0], min(solver.restart, solver.maxiter))
+    try:
+        rows.basis.copy_(torch.linalg.qr(torch.randn(n, rows.basis.shape[0], dtype=DT)).Q.T)
+
+        def orthogonalise() -> None:
+            for j in range(steps):
+                row, known_t, known, both, coefficients = rows.views(j % solver.restart)
+                torch.sub(flat_inputs[j], flat_inputs[j + 1], alpha=1.0, out=row)
+                gmres._orthogonalise(row, known_t, known, both, coefficients, 1e-300)
+
+        columns = [[0.1] * (j % solver.restart + 1) for j in range(steps)]
+
+        def rotate() -> None:
+            rotations: List[Any] = []
+            g, scale = [1.0], 0.0
+            for j, column in enumerate(columns):
+                if j % solver.restart == 0:
+                    rotations, g = [], [1.0]
+                column = list(column)
+                scale = max(scale, math.sqrt(sum(v * v for v in column) + 0.09))
+                gmres._rotate(column, rotations, 0.3)
+                g.append(rotations[-1][1] * g[-1])
+
+        def steps_alone() -> None:
+            # The steps of the solve back to back, on the same basis: no setup, no restart.
+            vector, rotations = flat_inputs[0], []
+            for j in range(steps):
+                row, known_t, known, both, coefficients = rows.views(j % solver.restart)
+                torch.sub(pack(wrapped(unpack(vector))), vector, alpha=1.0, out=row)
+                vector, column, below = gmres._orthogonalise(row, known_t, known, both, coefficients, 1e-300)
+                gmres._rotate(column, rotations, below)
+            pack(wrapped(unpack(vector)))
+
+        parts = {"solve": (lambda: solver(matvec, rhs), 1),
+                 "steps": (steps_alone, 1),
+                 "bare": (lambda: [matvec(v) for v in inputs], products),
+                 "fresh": (lambda: [matvec((v * 1.0).reshape(rhs.shape)) for v in flat_inputs], products),
+                 "wrapped": (lambda: [pack(wrapped(unpack(v * 1.0))) for v in flat_inputs], products),
+                 "gram_schmidt": (orthogonalise, steps),
+                 "rotation": (rotate, steps)}
+        times: Dict[str, List[float]] = {name: [] for name in parts}
+        # Interleaved rounds (a change of load hits every part alike), the first ten dropped.
+        for round_index in range(rounds + 10):
+            for name, (fn, count) in parts.items():
+                start = time.perf_counter()
+                fn()
+                if round_index >= 10:
+                    times[name].append((time.perf_counter() - start) / count)
+    finally:
+        rows.give_back()
+    out: Dict[str, float] = {name: statistics.median(values) for name, values in times.items()}
+    out["products"] = products
+    out["together"] = out["steps"] - products * out["wrapped"] - steps * (out["gram_schmidt"] + out["rotation"])
+    out["rest"] = out["solve"] - out["steps"]
+    return out
+
+
+def _print_profile(key: str, prof: Dict[str, float]) -> None:
+    us = 1e6
+    print(f"{key}: GMRES solve {1e3 * prof['solve']:.2f} ms for {prof['products']} products "
+          f"({prof['solve'] / (prof['products'] * prof['bare']):.2f}x its products on prepared inputs)")
+    print(f"  product on a prepared input        {us * prof['bare']:7.1f} us")
+    print(f"  + on a fresh input                 {us * (prof['fresh'] - prof['bare']):7.1f} us")
+    print(f"  + pytree wrapping and packing      {us * (prof['wrapped'] - prof['fresh']):7.1f} us")
+    print(f"  store and Gram-Schmidt, per step   {us * prof['gram_schmidt']:7.1f} us (alone)")
+    print(f"  rotation on the host, per step     {us * prof['rotation']:7.1f} us (alone)")
+    print(f"  the same, interleaved in one loop  {us * prof['together'] / prof['products']:7.1f} us per product more "
+          "(each operation runs after a product, on colder caches)")
+    print(f"  setup and end of the solve         {us * prof['rest']:7.1f} us per solve "
+          f"({us * prof['rest'] / prof['products']:.1f} us per product: packing, norms, restart, the solution "
+          "update, the final residual's norm, the info)")
+
+
 # ---------------------------------------------------------------------------- GMRES of another revision
 
 
@@ -352,6 +453,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--compare-gmres", metavar="REV", help="time GMRES against the GMRES of a git revision")
     parser.add_argument("--floor", action="store_true", help="GMRES against the Arnoldi floor and the bare products")
     parser.add_argument("--cgnr", action="store_true", help="CGNR against GMRES and BiCGStab in backward passes")
+    parser.add_argument("--profile", action="store_true", help="where a one-system GMRES solve spends its time")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
@@ -386,6 +488,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"matvecs {1e3 * med['GMRES matvecs']:.2f} ms)")
     if args.cgnr:
         _print_races(normal_equations(args.quick, args.reps, args.warmup, device))
+    if args.profile:
+        _print_profile("deq", step_profile(deq_case(device, batched=False)))
 
 
 if __name__ == "__main__":
