@@ -402,9 +402,9 @@ def _print_profile(key: str, prof: Dict[str, float]) -> None:
     print(f"  rotation on the host, per step     {us * prof['rotation']:7.1f} us (alone)")
     print(f"  the same, interleaved in one loop  {us * prof['together'] / prof['products']:7.1f} us per product more "
           "(each operation runs after a product, on colder caches)")
-    print(f"  setup and end of the solve         {us * prof['rest']:7.1f} us per solve "
-          f"({us * prof['rest'] / prof['products']:.1f} us per product: packing, norms, restart, the solution "
-          "update, the final residual's norm, the info)")
+    print(f"  rest of the solve                  {us * prof['rest']:7.1f} us per solve "
+          f"({us * prof['rest'] / prof['products']:.1f} us per product: the call, packing and norms, the "
+          "unshifted first step, the solution update, the final residual's norm, the info)")
 
 
 # ---------------------------------------------------------------------------- GMRES of another revision
