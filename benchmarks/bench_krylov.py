@@ -24,6 +24,10 @@ process costs in eager PyTorch (key ``arnoldi_floor`` of the case): a loop of th
 products, each followed only by the two Gram-Schmidt passes, the normalisation and the
 store into the basis (no rotations, no checks, no packing).
 
+``--profile`` splits one GMRES solve of the ``deq`` case into its products (on prepared
+inputs, on fresh ones, through the wrapping of a solve), the work of a step measured
+alone and in one loop, and the rest of the solve (:func:`step_profile`).
+
 Beside the cases, the key ``normal_equations`` of the section's results holds the
 backward pass of ``root_solve`` / ``fixed_point_solve`` with ``ig.CGNR`` against GMRES and
 BiCGStab, on a Jacobian close to an orthogonal matrix (``F(x) = Q x + 0.3 tanh(W x) − θ``:

@@ -109,7 +109,7 @@ class GMRES(IterativeSolver):
     #: One system checked every step (``check_every=1``, the CPU default) keeps its
     #: bookkeeping on the host: the Gram-Schmidt coefficients are read each step and the
     #: rotations, the residual estimate and the small triangular solve are done on Python
-    #: numbers (see :func:`_host_cycle`). Several systems, or a check every few steps, keep
+    #: numbers (see Cost). Several systems, or a check every few steps, keep
     #: it on the device as batched tensors read once per check.
     HOST_BOOKKEEPING = True
 
@@ -506,11 +506,11 @@ def _orthogonalise(row: torch.Tensor, known_t: torch.Tensor, known: torch.Tensor
 
 
 class _Rows:
-    """The Krylov basis ``(m + 1, n)`` of a single system solved by :func:`_host_cycle`, and
-    the views step ``j`` works on (made at its first use and kept for the later cycles).
+    """The Krylov basis ``(m + 1, n)`` of a single system solved by :class:`_HostArnoldi`,
+    and the views step ``j`` works on (made at its first use and kept for the later cycles).
 
-    Making those views costs about as much per step as the Gram-Schmidt passes on a small
-    system, so a small basis (at most ``POOLED_ENTRIES`` entries, where products are cheap)
+    Making those views costs about half as much per step as the Gram-Schmidt work on a
+    small system (2,048 unknowns), so a small basis (at most ``POOLED_ENTRIES`` entries, where products are cheap)
     is lent to one solve at a time and kept for the next solve of the same shape; the
     last ``POOLED_SHAPES`` shapes are kept.
     """
@@ -538,7 +538,10 @@ class _Rows:
         if not spares:
             spares.append(self)
         while len(pool) > self.POOLED_SHAPES:
-            pool.pop(next(iter(pool)), None)
+            try:
+                pool.pop(next(iter(pool)), None)
+            except (RuntimeError, StopIteration):  # another thread changed the pool meanwhile
+                break
 
     def __init__(self, rhs: torch.Tensor, size: int, key: Tuple[Any, ...] = ()) -> None:
         self.key = key
