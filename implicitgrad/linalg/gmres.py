@@ -109,8 +109,9 @@ class GMRES(IterativeSolver):
     #: One system checked every step (``check_every=1``, the CPU default) keeps its
     #: bookkeeping on the host: the Gram-Schmidt coefficients are read each step and the
     #: rotations, the residual estimate and the small triangular solve are done on Python
-    #: numbers (see Cost). Several systems, or a check every few steps, keep
-    #: it on the device as batched tensors read once per check.
+    #: numbers (see Cost). Several systems, a check every few steps, or a device other
+    #: than the CPU (where each read would be a synchronisation) keep it on the device as
+    #: batched tensors read once per check.
     HOST_BOOKKEEPING = True
 
     def __repr__(self) -> str:
@@ -128,8 +129,10 @@ class GMRES(IterativeSolver):
         tol, every = self._tolerances(b)
         system = Packed(matvec, b, init, batch_ndim, tol, flags=False)
         rhs = system.rhs
+        # On the CPU a read is a load from memory; on a GPU it would be a synchronisation
+        # per step (two when the second pass runs), so there the scalars stay on the device.
         if (self.HOST_BOOKKEEPING and every == 1 and rhs.shape[0] == 1 and rhs.dtype.is_floating_point
-                and host_readable(rhs)):
+                and rhs.device.type == "cpu" and host_readable(rhs)):
             return self._solve_host(system, tol)
         return self._solve_device(system, tol, every)
 
