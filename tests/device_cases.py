@@ -90,10 +90,14 @@ def backward_syncs(name: str, check_every: int, device, source: Callable[[], Con
     t = d["b"].clone().requires_grad_(True)
     x0 = torch.zeros_like(t)
     lin = linear_solver(name, check_every)
-    if isinstance(lin, ig.GMRES):
-        # On the CPU, GMRES keeps one system's scalars on the host (reads there are loads
-        # from memory); the stand-in counts the device bookkeeping, the path a GPU runs.
-        lin.HOST_BOOKKEEPING = torch.device(device).type != "cpu" and lin.HOST_BOOKKEEPING
+    if torch.device(device).type == "cpu":
+        # On the CPU, GMRES keeps one system's scalars on the host and CG reads pᵀAp before
+        # each step (reads there are loads from memory); the stand-in counts the
+        # bookkeeping a GPU runs.
+        if isinstance(lin, ig.GMRES):
+            lin.HOST_BOOKKEEPING = False
+        if isinstance(lin, ig.CG):
+            lin.SCALAR_BOOKKEEPING = False
     if name in ("CG", "MINRES"):
         A = d["A"]
         x, info = ig.implicit_solve(lambda x, t: 0.5 * x @ (A @ x) - t @ x, x0, t,

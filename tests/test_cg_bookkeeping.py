@@ -3,7 +3,9 @@ on the device (masks read every ``check_every`` iterations): both take the same 
 
 Each case runs CG twice on the same float64 system, once per bookkeeping (the host one
 switched off through ``CG.HOST_SYSTEMS = 0``), and compares solution, status, residual and
-products; the cases cover every way CG ends.
+products; the cases cover every way CG ends. One system on the CPU has a third
+bookkeeping, with Python step sizes (``CG.SCALAR_BOOKKEEPING``), compared the same way with
+the one-read host bookkeeping it replaces there.
 """
 
 import math
@@ -80,6 +82,19 @@ def test_host_and_device_bookkeeping_agree_on_one_system(monkeypatch, case):
     assert host[1].status == {"converges": "converged"}.get(case, case)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scalar_and_one_read_bookkeeping_agree_on_one_system(monkeypatch, case):
+    make, maxiter, tol = CASES[case]
+    a, b = make(), _rhs_for(case, 30, 3)
+
+    def solve():
+        return ig.CG(maxiter=maxiter, tol=tol, check_every=1)(lambda v: a @ v, b)
+
+    scalar = solve()
+    monkeypatch.setattr(ig.CG, "SCALAR_BOOKKEEPING", False)
+    _agree(scalar, solve())
+
+
 def test_host_and_device_bookkeeping_agree_on_a_mixed_batch(monkeypatch):
     # One easy, one ill-conditioned, one indefinite and one nearly singular system in one batch:
     # each leaves the batch on its own.
@@ -131,3 +146,23 @@ def test_rounding_noise_below_an_unreachable_tol_is_not_divergence(monkeypatch):
     for x, info in (host, device):
         assert info.status == "max_iterations" and info.iterations == 200
         torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-11, atol=1e-13)
+
+
+def test_the_three_bookkeepings_agree_on_a_long_system(monkeypatch):
+    # From 2,048 unknowns on, one system's inner products are matrix products: the same in
+    # every bookkeeping, which therefore still agree.
+    d = torch.logspace(0, 3, 2500, dtype=DT)
+    b = _rhs(2500, 8)
+
+    def solve():
+        return ig.CG(maxiter=1000, tol=1e-10, check_every=1)(lambda v: d * v, b)
+
+    scalar = solve()
+    monkeypatch.setattr(ig.CG, "SCALAR_BOOKKEEPING", False)
+    one_read = solve()
+    monkeypatch.setattr(ig.CG, "HOST_SYSTEMS", 0)
+    device = solve()
+    _agree(scalar, one_read)
+    _agree(scalar, device)
+    assert scalar[1].converged
+    torch.testing.assert_close(scalar[0], b / d, rtol=1e-8, atol=1e-12)
