@@ -33,8 +33,8 @@ class GMRES(IterativeSolver):
     cycle ends. Suited to the Jacobians of :func:`~implicitgrad.root_solve` and
     :func:`~implicitgrad.fixed_point_solve`, which are not symmetric.
 
-    **Cost.** One system checked every step (``check_every=1``, the CPU default) keeps its
-    bookkeeping on the host (``HOST_BOOKKEEPING``): a step is its ``matvec``, the product
+    **Cost.** One system on the CPU checked every step (``check_every=1``, the CPU default)
+    keeps its bookkeeping on the host (``HOST_BOOKKEEPING``): a step is its ``matvec``, the product
     shifted by :math:`\sigma = v_0^T A v_0` (same Krylov space) and stored in the basis,
     one product with the basis that gives the Gram-Schmidt coefficients and
     :math:`\|w\|^2`, read at once, and the new basis vector in one more operation; the
