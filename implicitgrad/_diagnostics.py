@@ -194,7 +194,9 @@ class SolveInfo:
             it (Blondel et al., Efficient and Modular Implicit Differentiation, 2022).
         forward_iterations: iterations the inner solver reports, ``None`` if it does not.
         forward_status: ``"converged"``, ``"not_converged"``, ``"nonfinite"`` or
-            ``"unrolled"``.
+            ``"unrolled"``; ``"deferred"`` for an ``on_failure="defer"`` call until
+            :meth:`verify` reads its checks (``forward_residual`` is NaN until then, and
+            the linear solves' infos have status ``"deferred"``).
         forward_message: why the inner solver stopped, where it says (e.g. SciPy's message).
         forward_residuals: for a batch of problems (under ``torch.func.vmap``), the norm
             of the condition at ``x`` per problem, flattened; ``None`` for one problem.
