@@ -314,6 +314,13 @@ class PytreeLayout:
 
     def wrap(self, fn: Callable[[Any], Any], what: str = "the preconditioner's output") -> Matvec:
         """``fn`` on pytrees as a function on flat lists of (batched) leaves."""
+        if self.template is None and self.spec.is_leaf() and not self.batch_ndim:
+            # b is one tensor: no pytree to build or take apart (about 9 µs per product).
+            def single(v: Vector) -> Vector:
+                out = fn(v[0])
+                return [out] if isinstance(out, torch.Tensor) else self.flatten(out, what)
+
+            return single
 
         def flat(v: Vector) -> Vector:
             return self.flatten(fn(self.unflatten(v)), what)
