@@ -177,10 +177,14 @@ def count_step(system: System, state: Dict[str, Any], tol: float) -> Dict[str, A
     """
     cold, _ = system.products_to(tol, None)
     warm, kept = system.products_to(tol, state.get("init"))
-    ref, init = system.reference_u, state.get("init")
-    counts = {"cold": cold, "warm": warm,
-              "start_distance": None if init is None else float((init - ref).norm() / ref.norm())}
-    state["init"] = kept.detach()
+    ref, init, previous = system.reference_u, state.get("init"), state.get("previous")
+    # ig.WarmStart(extrapolate=True)'s start: the line through the last two kept solutions.
+    line = init if previous is None else 2 * init - previous
+    extrapolated = warm if previous is None else system.products_to(tol, line)[0]
+    counts = {"cold": cold, "warm": warm, "extrapolated": extrapolated,
+              "start_distance": None if init is None else float((init - ref).norm() / ref.norm()),
+              "extrapolated_distance": None if previous is None else float((line - ref).norm() / ref.norm())}
+    state["previous"], state["init"] = init, kept.detach()
     if warm_start_supported():
         ws = state.setdefault("ws", ig.WarmStart(recycle=RECYCLE))
         counts["recycled"], state["ws"] = smallest_budget(tol, lambda K: system.attempt_library(K, ws), 1)
@@ -228,9 +232,14 @@ def totals(per_step: List[Dict[str, Any]]) -> Dict[str, Any]:
     cold = sum(s["cold"] for s in per_step)
     warm = sum(s["warm"] for s in per_step)
     distances = [d for s in per_step for d in s["start_distance"] if d is not None]
+    extrapolated = sum(s["extrapolated"] for s in per_step)
+    lines = [d for s in per_step for d in s["extrapolated_distance"] if d is not None]
     out = {"cold_total": cold, "warm_total": warm, "ratio": cold / warm if warm else math.inf,
            "cold": [s["cold"] for s in per_step], "warm": [s["warm"] for s in per_step],
-           "median_start_distance": statistics.median(distances) if distances else None, "recycle": None}
+           "median_start_distance": statistics.median(distances) if distances else None, "recycle": None,
+           "extrapolated_total": extrapolated, "extrapolated_ratio": cold / extrapolated if extrapolated else math.inf,
+           "extrapolated": [s["extrapolated"] for s in per_step],
+           "median_extrapolated_distance": statistics.median(lines) if lines else None}
     if all("recycled" in s for s in per_step):
         recycled = sum(s["recycled"] for s in per_step)
         out.update({"recycle": RECYCLE, "recycled_total": recycled, "recycled_ratio": cold / recycled,
@@ -304,13 +313,14 @@ def hpo_run(steps: int, lr: float = 0.1, seed: int = 0, tol: float = TARGET_ERRO
         if library is not None:
             library.step(system, objective, outer)
         counts["start_distance"] = [counts["start_distance"]]
+        counts["extrapolated_distance"] = [counts["extrapolated_distance"]]
         per_step.append(counts)
         optimizer.zero_grad()
         theta.grad = system.reference.detach().clone()
         optimizer.step()
         if progress and (step + 1) % max(1, steps // 5) == 0:
             progress(f"warm: HPO (lr {lr:g}) step {step + 1}/{steps}, products " + ", ".join(
-                f"{k} {v}" for k, v in counts.items() if k != "start_distance"))
+                f"{k} {v}" for k, v in counts.items() if not k.endswith("distance")))
     return {"description": f"{description}, Adam (lr {lr:g}) on log λ", "steps": steps, "lr": lr,
             **totals(per_step), "library": None if library is None else LibraryPath.summary([library])}
 
@@ -333,7 +343,7 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
     per_step = []
     for step in range(steps):
         meta_grad = torch.zeros_like(theta)
-        counts: Dict[str, Any] = {"start_distance": []}
+        counts: Dict[str, Any] = {"start_distance": [], "extrapolated_distance": []}
         center = unflat(theta.detach(), theta_dict)
 
         def centered(phi, _start, X, y, center=center):
@@ -358,6 +368,7 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
             if libraries is not None:
                 libraries[i].step(system, objective, outer)
             counts["start_distance"].append(task_counts.pop("start_distance"))
+            counts["extrapolated_distance"].append(task_counts.pop("extrapolated_distance"))
             for key, value in task_counts.items():
                 counts[key] = counts.get(key, 0) + value
             meta_grad += system.reference.detach() / tasks
@@ -367,7 +378,7 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
         optimizer.step()
         if progress:
             progress(f"warm: meta step {step + 1}/{steps}, products " + ", ".join(f"{k} {v}" for k, v in counts.items()
-                                                                                 if k != "start_distance"))
+                                                                                 if not k.endswith("distance")))
     n_params = theta.numel()
     description = (f"iMAML, MLP {'-'.join(map(str, sizes))} ({n_params} parameters), pool of {tasks} "
                    f"{sizes[-1]}-way {shots}-shot tasks (all in every meta-batch), λ = {lam}, Adam (lr 0.01)")

@@ -321,8 +321,11 @@ def _warm_table(warm: Dict[str, Any]) -> Dict[str, Any]:
             return _verdict(value, target, lower_is_better=False) if key == "hpo" else f"{value:.2f}"
 
         distance, lib, recycle = run["median_start_distance"], run.get("library"), run.get("recycle")
+        line = run.get("median_extrapolated_distance")
         rows.append([f"{label}: {run['description']}", str(run["steps"]), str(run["cold_total"]),
                      str(run["warm_total"]), ratio(run["ratio"]),
+                     f"{run['extrapolated_total']} ({ratio(run['extrapolated_ratio'])}; median distance "
+                     f"{'n/a' if line is None else format(line, '.1e')})",
                      "ig.WarmStart absent" if recycle is None else
                      f"{run['recycled_total']} ({ratio(run['recycled_ratio'])})",
                      "n/a" if distance is None else f"{distance:.1e}",
@@ -333,6 +336,7 @@ def _warm_table(warm: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "header": ["run", "outer steps", "products, cold (from 0)", "products, warm (previous solution)",
                    f"cold / warm (HPO target ≥ {target})",
+                   "products, start 2u_k − u_(k−1) as WarmStart(extrapolate=True) (cold / it)",
                    f"products, ig.WarmStart(recycle={recycle}) (cold / it)",
                    "median ‖u₀ − u‖/‖u‖ of the warm start",
                    f"implicit_solve, CG tol 1e-8: products cold / WarmStart(recycle={recycle})"],
@@ -341,6 +345,7 @@ def _warm_table(warm: Dict[str, Any]) -> Dict[str, Any]:
                   f"within {warm['target_error']:g} relative error of the reference (doubling, then bisection on "
                   "maxiter), counted at the matvec, a warm start paying its initial residual; totals over the run. "
                   "'warm' starts CG from the solution the previous step kept (the same task's, for the task pool); "
+                  "the extrapolated start is the line through the last two kept solutions; "
                   f"'WarmStart(recycle={recycle})' runs the same search through ig.implicit_solve(warm_start=...), "
                   f"which also keeps the last {recycle} CG directions as a limited-memory preconditioner. CG's error "
                   "falls by a roughly constant factor per product, so a start at relative distance δ alone saves "

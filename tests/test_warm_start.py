@@ -256,3 +256,29 @@ def test_a_solve_of_its_own_inside_the_objective_does_not_touch_the_recycled_dir
 def test_bad_recycle_is_refused():
     with pytest.raises(ValueError, match="recycle"):
         ig.WarmStart(recycle=-1)
+
+
+def test_extrapolation_starts_from_the_line_through_the_last_two_solutions():
+    ws = ig.WarmStart(extrapolate=True)
+    b = [torch.zeros(3, dtype=DT)]
+    u1, u2 = torch.tensor([1.0, 2.0, 3.0], dtype=DT), torch.tensor([1.5, 2.0, 2.0], dtype=DT)
+    assert ws.initial_guess("backward", b) is None
+    ws.store("backward", [u1])
+    torch.testing.assert_close(ws.initial_guess("backward", b)[0], u1)  # one solution: itself
+    ws.store("backward", [u2])
+    torch.testing.assert_close(ws.initial_guess("backward", b)[0], 2 * u2 - u1, rtol=0, atol=0)
+    ws.store("backward", [torch.full((3,), float("nan"), dtype=DT)])  # not kept, and the line is lost
+    assert ws.initial_guess("backward", b) is None
+    assert (ws.hits, ws.misses) == (2, 2)
+    with pytest.raises(ValueError, match="extrapolate"):
+        ig.WarmStart(extrapolate=1)
+
+
+def test_extrapolated_starts_give_the_same_gradients_in_fewer_products_on_a_smooth_path():
+    # Small steps of a normalised gradient: a smooth path, where the line through the last
+    # two solutions predicts the next one better than the last one alone.
+    plain, err_plain = _run(ig.WarmStart(), steps=10, lr=1e-3)
+    extrapolated, err_extrapolated = _run(ig.WarmStart(extrapolate=True), steps=10, lr=1e-3)
+    assert max(err_plain + err_extrapolated) < 1e-8
+    assert extrapolated[:2] == plain[:2]  # no line yet at the first two steps
+    assert sum(extrapolated[2:]) < sum(plain[2:])
