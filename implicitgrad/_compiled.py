@@ -17,7 +17,6 @@ leaves, batch dims, which parameters need gradients, the solver's settings);
 
 from __future__ import annotations
 
-import math
 import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -138,20 +137,16 @@ def compiled_root_vjp(cond: Condition, options: Options, sink: SolveInfo, x: Seq
     pr = [t.detach() for t, need in zip(p, needs) if not need]
     with torch.no_grad():
         grads, relative, stopped = fn([t.detach() for t in x], pn, pr, [t.detach() for t in v])
-    tol = solver._tolerances(list(v))[0]
+    nonfinite = ~torch.isfinite(relative)
+    info = LinearSolveInfo.deferred(relative, solver._tolerances(list(v))[0], iterations=solver.maxiter,
+                                    solver="CG(compile)",
+                                    flags=[(Status.NONFINITE, nonfinite), (Status.NEGATIVE_CURVATURE, stopped)])
     if options.on_failure == "defer":
         # Nothing read: a non-finite solve poisons the gradients on the device.
-        nonfinite = ~torch.isfinite(relative)
-        info = LinearSolveInfo.deferred(relative, tol, iterations=solver.maxiter, solver="CG(compile)",
-                                        flags=[(Status.NONFINITE, nonfinite), (Status.NEGATIVE_CURVATURE, stopped)])
         grads = [torch.where(nonfinite.any(), torch.full_like(g, float("nan")), g) for g in grads]
     else:
-        worst, negative = torch.stack([relative.max(), stopped.any().to(relative.dtype)]).tolist()
-        status = (Status.NONFINITE if not math.isfinite(worst) else
-                  Status.NEGATIVE_CURVATURE if negative else None)
-        info = LinearSolveInfo.from_residual(worst, tol, iterations=solver.maxiter, status=status,
-                                             solver="CG(compile)")
-        if status is Status.NONFINITE:
+        info.settle(info.deferred_values().tolist())  # one read
+        if info.status is Status.NONFINITE:
             grads = [torch.full_like(g, float("nan")) for g in grads]
     record_outcome(cond, options, sink, info, transpose=True)
     it = iter(grads)

@@ -165,6 +165,13 @@ class LinearSolveInfo:
         info._deferred = (values, tuple(status for status, _ in flags), tol)
         return info
 
+    def deferred_values(self) -> torch.Tensor:
+        """The values a :meth:`deferred` info waits for (the largest relative residual, then
+        one flag per status), on the device: what :meth:`settle` takes once read."""
+        if self._deferred is None:
+            raise ValueError("deferred_values: this LinearSolveInfo was not deferred.")
+        return self._deferred[0]
+
     def settle(self, values: Sequence[float]) -> None:
         """Fill the fields of a :meth:`deferred` info from its values, read by the host."""
         if self._deferred is None:

@@ -102,15 +102,14 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     def initial() -> List[float]:
         return cond.value_norms(x0, p).reshape(-1).tolist()
 
+    residuals, lin = measure(cond, x, p, options.on_failure, p_needs)
     if options.on_failure == "defer":
-        residuals, lin = measure(cond, x, p, "defer", p_needs)
         bad = nonfinite_flags([x], cond.batch_ndim)
         info.forward_status = "deferred"
         info.defer(torch.cat([residuals.reshape(-1), bad.any().to(residuals.dtype).reshape(1)]),
                    lambda values: judge_forward(info, values[:-1], not values[-1], initial, tol))
         return x, lin, bad
     total = entry_sum(x)
-    residuals, lin = measure(cond, x, p, options.on_failure, p_needs)
     # The residuals and the finiteness of x, read together.
     read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
     values = read.tolist()

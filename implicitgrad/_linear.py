@@ -16,6 +16,7 @@ from ._compat import host_readable
 from ._diagnostics import LinearSolveInfo, SolveInfo, report
 from ._forward import Options
 from ._problem import Condition
+from ._status import Status
 from .linalg._base import (
     PytreeLayout,
     deferred_checks,
@@ -82,12 +83,12 @@ def record_outcome(cond: Condition, options: Options, sink: SolveInfo, info: Lin
     """Record a linear solve's info in ``sink`` and report a failed or useless solve (with
     ``on_failure="defer"``: when :meth:`SolveInfo.verify` has read its outcome)."""
     sink.record(info)
-    if info._deferred is not None:
+    if info.status is Status.DEFERRED:
         def settle(values):
             info.settle(values)
             return outcome_message(cond, info, transpose)
 
-        sink.defer(info._deferred[0], settle)
+        sink.defer(info.deferred_values(), settle)
         return
     message = outcome_message(cond, info, transpose)
     if message is not None:
@@ -142,12 +143,16 @@ def _check_symmetric(cond: Condition, options: Options, sink: SolveInfo, op: Cal
     scale = norm(au, n) * norm(w, n)
     tau = 1e3 * torch.finfo(b[0].dtype).eps
     asymmetric = gap > tau * scale
-    worst = (gap / scale.clamp_min(torch.finfo(b[0].dtype).tiny)).max()
+
+    def worst() -> torch.Tensor:
+        return (gap / scale.clamp_min(torch.finfo(b[0].dtype).tiny)).max()
+
     if options.on_failure == "defer":
-        sink.defer(torch.stack([asymmetric.any().to(worst.dtype), worst]),
+        sink.defer(torch.stack([asymmetric.any().to(gap.dtype), worst()]),
                    lambda values: _asymmetry_message(cond, options, values[1]) if values[0] else None)
     elif bool(asymmetric.any()):
-        report(_asymmetry_message(cond, options, float(worst)), "ignore" if options.on_failure == "ignore" else "warn")
+        report(_asymmetry_message(cond, options, float(worst())),
+               "ignore" if options.on_failure == "ignore" else "warn")
 
 
 def _asymmetry_message(cond: Condition, options: Options, worst: float) -> str:

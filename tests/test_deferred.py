@@ -193,7 +193,7 @@ def test_deferred_cg_ends_as_the_checking_cg(name):
         x, info = ig.CG(maxiter=maxiter).solve_leaves(matvec, [b])
     assert syncs.count == 0, syncs.summary()
     assert info.status == "deferred" and info.iterations >= eager.iterations
-    info.settle(info._deferred[0].tolist())
+    info.settle(info.deferred_values().tolist())
     assert info.status == eager.status, (info, eager)
     assert info.converged == eager.converged
     if eager.status == "nonfinite":
@@ -221,7 +221,7 @@ def test_deferred_cg_keeps_per_system_convergence_in_a_batch(monkeypatch):
 
     with deferred_checks(True):
         x, info = ig.CG(maxiter=200, tol=1e-8).solve_leaves(matvec, [b], batch_ndim=1)
-    info.settle(info._deferred[0].tolist())
+    info.settle(info.deferred_values().tolist())
     monkeypatch.setattr(ig.CG, "HOST_SYSTEMS", 0)
     checked, checked_info = ig.CG(maxiter=200, tol=1e-8, check_every=1).solve_leaves(matvec, [b], batch_ndim=1)
     assert info.status == checked_info.status and info.residual == checked_info.residual

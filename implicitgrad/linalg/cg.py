@@ -249,16 +249,18 @@ class CG(SymmetricIterativeSolver):
             # A system out of the batch keeps x, r, z, so β = 1 for it: p moves by z.
             p = _axpy(z, book.beta(rz_new), p)
             p_index = step + 1
+        best_x, best_rr = book.best()
+        relative = safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt())
         if isinstance(book, _DeviceBook) and defer:
-            return book.deferred(self, used, bb, tol, unpack)
+            best_x, flags = book.deferred(best_x)
+            return unpack(best_x), LinearSolveInfo.deferred(relative, tol, flags=flags, iterations=used,
+                                                            solver=type(self).__name__)
         if status is None:
             status, products = book.status(op, p, z, p_index, ap)
             used += products
         if recycler is not None:
             recycler.finish()
-        best_x, best_rr = book.best()
-        info = self._finish(used, safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt()), tol, status)
-        return unpack(best_x), info
+        return unpack(best_x), self._finish(used, relative, tol, status)
 
 
 def vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -507,10 +509,11 @@ class _DeviceBook(_Book):
         self.negative = self.diverged = self.null = torch.zeros_like(self.done)
         self.peak = torch.zeros_like(rr)
         self.flip = torch.zeros_like(rr)
-        # Deferred checks only: the systems that met NaN/Inf, and those whose direction of
-        # non-positive curvature was a null vector.
-        self.nonfinite = ~torch.isfinite(rr)
-        self.singular = torch.zeros_like(self.done)
+        if defer:
+            # The systems that met NaN/Inf, and those whose direction of non-positive
+            # curvature was a null vector.
+            self.nonfinite = ~torch.isfinite(rr)
+            self.singular = torch.zeros_like(self.done)
 
     def all_done(self) -> bool:
         return bool(self.done.all())
@@ -579,14 +582,11 @@ class _DeviceBook(_Book):
         vector, decided while ``p`` and ``Ap`` are at hand (no product after the solve)."""
         self.singular = self.singular | (self.flipped & _null_vectors(p, ap, self.peak))
 
-    def deferred(self, solver, used, bb, tol, unpack):
-        """Deferred checks: the best iterates (NaN for the systems that met NaN/Inf) and a
-        :meth:`LinearSolveInfo.deferred` whose flags name the statuses as :meth:`status`
+    def deferred(self, best_x):
+        """Deferred checks: ``best_x`` with NaN for the systems that met NaN/Inf, and the
+        flags of :meth:`LinearSolveInfo.deferred`, which name the statuses as :meth:`status`
         and :func:`_ending` would (without the null test of a giant step)."""
-        best_x, best_rr = self.best()
         x = torch.where(self.nonfinite.unsqueeze(-1), torch.full_like(best_x, math.nan), best_x)
         flags = [(Status.NONFINITE, self.nonfinite), (Status.NEGATIVE_CURVATURE, self.negative & ~self.singular),
                  (Status.DIVERGING, self.diverged & ~self.negative), (Status.SINGULAR, self.negative | self.diverged)]
-        info = LinearSolveInfo.deferred(safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt()), tol, flags=flags,
-                                        iterations=used, solver=type(solver).__name__)
-        return unpack(x), info
+        return x, flags
