@@ -200,3 +200,32 @@ def test_the_host_basis_stays_orthonormal(case):
     products = basis[:k] @ a.T
     remainder = products - (products @ basis.T) @ basis
     assert float(remainder.norm() / products.norm()) <= 1e-13
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_a_product_that_builds_a_graph_is_refused_with_the_ways_out(check_every):
+    """GMRES writes its basis in place: autograd cannot follow it. A product, right-hand side
+    or start that requires grad gets an error naming the alternatives, not an error from
+    deep inside an in-place operation; under ``torch.no_grad()`` the same solve runs."""
+    a = _nonsymmetric(6, 11).requires_grad_(True)
+    b = _rhs(6, 11)
+    solver = ig.GMRES(check_every=check_every)
+    with pytest.raises(RuntimeError, match="matvec's output requires grad.*implicit_solve.*no_grad.*BiCGStab"):
+        solver(lambda v: a @ v, b)
+    with pytest.raises(RuntimeError, match="b requires grad"):
+        solver(lambda v: a.detach() @ v, b.clone().requires_grad_(True))
+    with pytest.raises(RuntimeError, match="init requires grad"):
+        solver(lambda v: a.detach() @ v, b, init=b.clone().requires_grad_(True))
+    with torch.no_grad():
+        x, info = solver(lambda v: a @ v, b)
+    assert info.converged and rel_close(x, torch.linalg.solve(a.detach(), b), 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_the_device_path_against_a_dense_solve(dtype):
+    """The small triangular solve of a cycle runs in float32 where half precision has none."""
+    a = _nonsymmetric(8, 12, 0.5)
+    b = _rhs(8, 12)
+    x, info = ig.GMRES(check_every=2)(lambda v: a.to(dtype) @ v, b.to(dtype))
+    assert x.dtype == dtype and info.converged
+    assert rel_close(x.double(), torch.linalg.solve(a, b), 5e-2)

@@ -127,6 +127,8 @@ class GMRES(IterativeSolver):
         layout: Optional[PytreeLayout] = None,
     ) -> Tuple[Vector, LinearSolveInfo]:
         tol, every = self._tolerances(b)
+        if torch.is_grad_enabled():
+            matvec = _no_graph(matvec, b, init)
         system = Packed(matvec, b, init, batch_ndim, tol, flags=False)
         rhs = system.rhs
         # On the CPU a read is a load from memory; on a GPU it would be a synchronisation
@@ -201,6 +203,33 @@ class GMRES(IterativeSolver):
             r_norm = new_norm
         x, status = system.outcome(x, nonfinite, broken)
         return system.unpack(x), self._finish(used, system.relative(r_norm), tol, status)
+
+
+def _no_graph(matvec: Matvec, b: Vector, init: Optional[Vector]) -> Matvec:
+    """``matvec``, refusing (with the ways out) what GMRES cannot differentiate: a right-hand
+    side, start or product that requires grad while grad mode is on. GMRES writes its basis
+    and Hessenberg matrix in place, so autograd cannot follow its iterations."""
+    advice = ("GMRES writes its Krylov basis in place and does not backpropagate through its "
+              "iterations. To differentiate x = A⁻¹b, solve implicitly (ig.implicit_solve, "
+              "ig.root_solve and ig.fixed_point_solve differentiate their linear systems without "
+              "unrolling), or call the solver under torch.no_grad() on detached inputs, or use "
+              "ig.BiCGStab or ig.CG, whose iterations autograd follows.")
+    for name, value in (("b", b), ("init", init)):
+        if value is not None and any(t.requires_grad for t in value):
+            raise RuntimeError(f"GMRES: {name} requires grad. {advice}")
+    checked = False
+
+    def product(v: Vector) -> Vector:
+        nonlocal checked
+        out = matvec(v)
+        if not checked:
+            if any(t.requires_grad for t in out):
+                raise RuntimeError("GMRES: the matvec's output requires grad (it depends on tensors "
+                                   f"that require grad, with grad mode on). {advice}")
+            checked = True
+        return out
+
+    return product
 
 
 class Packed:
@@ -336,7 +365,12 @@ def _cycle(op, r, beta, limit, active, steps: int, every: int, space: _Space):
     keep = stop.cumsum(dim=1) == 0
     upper = torch.where(keep[:, :, None] & keep[:, None, :], upper, space.identity[:k, :k])
     g = torch.where(keep, g, 0.0)
-    y = torch.linalg.solve_triangular(upper, g.unsqueeze(2), upper=True)
+    if upper.element_size() < 4:
+        # No triangular solve in half precision on every device: the small k × k system in
+        # float32.
+        y = torch.linalg.solve_triangular(upper.float(), g.float().unsqueeze(2), upper=True).to(dtype)
+    else:
+        y = torch.linalg.solve_triangular(upper, g.unsqueeze(2), upper=True)
     update = torch.bmm(y.mT, space.views(k - 1)[0]).squeeze(1)
     return update, k, invariant
 
