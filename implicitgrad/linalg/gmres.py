@@ -133,8 +133,10 @@ class GMRES(IterativeSolver):
         rhs = system.rhs
         # On the CPU a read is a load from memory; on a GPU it would be a synchronisation
         # per step (two when the second pass runs), so there the scalars stay on the device.
+        # Half precision stays on the device path, whose products with the basis accumulate in
+        # float32 (the host path's rounding of each step's coefficients loses a few digits).
         if (self.HOST_BOOKKEEPING and every == 1 and rhs.shape[0] == 1 and rhs.dtype.is_floating_point
-                and rhs.device.type == "cpu" and host_readable(rhs)):
+                and rhs.element_size() >= 4 and rhs.device.type == "cpu" and host_readable(rhs)):
             return self._solve_host(system, tol)
         return self._solve_device(system, tol, every)
 
