@@ -232,13 +232,16 @@ class SolveInfo:
         default=None, repr=False, compare=False)
     _batched: bool = dataclasses.field(default=False, repr=False, compare=False)
     # The checks of an on_failure="defer" call: values on the device, and what turns them,
-    # once read, into this info's fields and a message (None: nothing to report).
-    _checks: List[Tuple[torch.Tensor, Callable[[List[float]], Optional[str]]]] = dataclasses.field(
+    # once read, into this info's fields and a message (None: nothing to report), and whether
+    # the eager call only warns about it whatever its on_failure.
+    _checks: List[Tuple[torch.Tensor, Callable[[List[float]], Optional[str]], bool]] = dataclasses.field(
         default_factory=list, repr=False, compare=False)
 
-    def defer(self, values: torch.Tensor, settle: Callable[[List[float]], Optional[str]]) -> None:
-        """Keep a check of an ``on_failure="defer"`` call for :meth:`verify`."""
-        self._checks.append((values, settle))
+    def defer(self, values: torch.Tensor, settle: Callable[[List[float]], Optional[str]],
+              warn_only: bool = False) -> None:
+        """Keep a check of an ``on_failure="defer"`` call for :meth:`verify` (``warn_only``:
+        a check the eager call warns about even with ``on_failure="raise"``)."""
+        self._checks.append((values, settle, warn_only))
 
     def verify(self, on_failure: str = "warn") -> SolveInfo:
         """Read the checks an ``on_failure="defer"`` call kept on the device, fill this
@@ -259,15 +262,15 @@ class SolveInfo:
         on_failure = check_on_failure(on_failure, "SolveInfo.verify")
         if not self._checks:
             return self
-        flat = torch.cat([v.detach().reshape(-1).to(torch.float64) for v, _ in self._checks]).tolist()
+        flat = torch.cat([v.detach().reshape(-1).to(torch.float64) for v, _, _ in self._checks]).tolist()
         messages, start = [], 0
-        for values, settle in self._checks:
+        for values, settle, warn_only in self._checks:
             message = settle(flat[start : start + values.numel()])
             start += values.numel()
             if message:
-                messages.append(message)
-        for message in messages:
-            report(message, on_failure)
+                messages.append((message, "warn" if warn_only and on_failure == "raise" else on_failure))
+        for message, level in messages:
+            report(message, level)
         return self
 
     def _initial_values(self) -> Optional[List[float]]:

@@ -149,7 +149,8 @@ def _check_symmetric(cond: Condition, options: Options, sink: SolveInfo, op: Cal
 
     if options.on_failure == "defer":
         sink.defer(torch.stack([asymmetric.any().to(gap.dtype), worst()]),
-                   lambda values: _asymmetry_message(cond, options, values[1]) if values[0] else None)
+                   lambda values: _asymmetry_message(cond, options, values[1]) if values[0] else None,
+                   warn_only=True)
     elif bool(asymmetric.any()):
         report(_asymmetry_message(cond, options, float(worst())),
                "ignore" if options.on_failure == "ignore" else "warn")

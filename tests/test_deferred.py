@@ -273,3 +273,41 @@ def test_the_layers_do_not_take_defer():
 
     with pytest.raises(SettingError, match="on_failure"):
         Shrink(solver=ig.solvers.GradientDescent(lr=0.5, maxiter=5), on_failure="defer")
+
+
+def _nonsymmetric_root(on_failure):
+    """A root condition with a non-symmetric Jacobian, differentiated with CG: the
+    symmetry probe's report, then CG's (its residual may not meet the tolerance)."""
+    a = torch.eye(6, dtype=DT) + 0.05 * torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=DT)
+    theta = torch.randn(6, generator=torch.Generator().manual_seed(1), dtype=DT).requires_grad_(True)
+    x, info = ig.root_solve(lambda x, th: a @ x - th, torch.zeros(6, dtype=DT), theta,
+                            solver=lambda fn, x0, th: torch.linalg.solve(a, th.detach()),
+                            linear_solver=ig.CG(maxiter=50), on_failure=on_failure, return_info=True)
+    torch.autograd.grad(x.sum(), theta)
+    return info
+
+
+def _outcome(run):
+    """The ConvergenceError ``run`` raises (its message, or None) and the warnings it gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run()
+            error = None
+        except ig.ConvergenceError as exc:
+            error = str(exc)
+    return error, [str(w.message) for w in caught if issubclass(w.category, ig.ImplicitGradWarning)]
+
+
+@pytest.mark.parametrize("on_failure", ["raise", "warn", "ignore"])
+def test_the_symmetry_probe_reports_at_verify_as_it_does_eagerly(on_failure):
+    """The eager call only warns that CG's matrix is not symmetric, even with
+    on_failure="raise" (what fails after it raises); verify(on_failure) does the same."""
+    eager = _outcome(lambda: _nonsymmetric_root(on_failure))
+    info = _nonsymmetric_root("defer")
+    deferred = _outcome(lambda: info.verify(on_failure=on_failure))
+    assert deferred == eager
+    error, said = eager
+    symmetric = [m for m in said if "assumes a symmetric matrix" in m]
+    expected = {"raise": (1, True), "warn": (1, False), "ignore": (0, False)}[on_failure]
+    assert (len(symmetric), error is not None) == expected
