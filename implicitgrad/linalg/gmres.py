@@ -63,6 +63,13 @@ class GMRES(IterativeSolver):
     others go on), and a system whose measured residual meets it is not restarted. The
     reported residual is the largest measured :math:`\|b_i - A x_i\| / \|b_i\|`.
 
+    **Gradients.** GMRES writes its basis in place, so autograd cannot follow its
+    iterations: with grad mode on, a right-hand side, start or product that requires grad is
+    refused with an error. The implicit solves differentiate their linear systems without
+    unrolling; ``ig.BiCGStab`` and ``ig.CG`` can be unrolled by autograd. Half precision
+    (float16, bfloat16) keeps its bookkeeping on the device path, with the small triangular
+    solve of a cycle in float32.
+
     An exact breakdown of Arnoldi (the Krylov space is invariant) solves a non-singular
     system (a lucky breakdown: status ``"converged"``). Statuses: ``"converged"``,
     ``"max_iterations"``, ``"nonfinite"`` (the solution of that system is NaN) and
