@@ -28,21 +28,22 @@ def total_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Ten
 
 
 def _grad(outputs, inputs, cotangents, create_graph: bool) -> List[torch.Tensor]:
-    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
-    if not pairs or not inputs:
+    """``Σ (∂ outputs / ∂ inputs)ᵀ cotangents`` by one backward pass (zeros for an input
+    the outputs do not reach), the graph kept for the next product."""
+    if all(o.requires_grad for o in outputs):
+        outs, cots = outputs, cotangents
+    else:
+        outs = [o for o in outputs if o.requires_grad]
+        cots = [c for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not outs or not inputs:
         return [torch.zeros_like(i) for i in inputs]
-    with torch.enable_grad():
-        return list(
-            torch.autograd.grad(
-                [o for o, _ in pairs],
-                inputs,
-                [c for _, c in pairs],
-                retain_graph=True,
-                create_graph=create_graph,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        )
+    if create_graph:
+        with torch.enable_grad():
+            return list(torch.autograd.grad(outs, inputs, cots, retain_graph=True, create_graph=True,
+                                            allow_unused=True, materialize_grads=True))
+    # A first-order product needs no grad mode (the hot path of every iterative solve).
+    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
 
 
 def linearize(cond: Condition, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor],

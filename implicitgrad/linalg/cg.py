@@ -202,12 +202,13 @@ class CG(SymmetricIterativeSolver):
             r = rhs - op(x)
         z = prec(r)
         p = z
-        rz = dot(r, z)
+        rz = bb if z is rhs else dot(r, z)  # from x = 0 without a preconditioner: r = z = b
         rr = rz if plain else dot(r, r)  # squared residual norms, per system
-        floor2 = (ROUNDING_FACTOR * torch.finfo(working_dtype(rhs.dtype)).eps) ** 2 * bb
+        # Squared residual norms below this multiple of ‖b‖² are rounding noise.
+        rounding2 = (ROUNDING_FACTOR * torch.finfo(working_dtype(rhs.dtype)).eps) ** 2
         book: Union[_HostBook, _DeviceBook] = (
-            (_ScalarBook if scalar else _HostBook)(x, rr, rz, tol**2 * bb, floor2) if host
-            else _DeviceBook(x, rr, rz, tol**2 * bb, floor2, every == 1 and not defer, defer))
+            (_ScalarBook if scalar else _HostBook)(x, bb, rr, rz, tol**2, rounding2) if host
+            else _DeviceBook(x, rr, rz, tol**2 * bb, rounding2 * bb, every == 1 and not defer, defer))
         status, used, step, p_index = None, 0, 0, 1  # p_index: the iteration whose direction p is
         ap = p
         finished = not defer and book.all_done()
@@ -249,8 +250,7 @@ class CG(SymmetricIterativeSolver):
             # A system out of the batch keeps x, r, z, so β = 1 for it: p moves by z.
             p = _axpy(z, book.beta(rz_new), p)
             p_index = step + 1
-        best_x, best_rr = book.best()
-        relative = safe_div(best_rr.clamp_min(0).sqrt(), bb.sqrt())
+        best_x, relative = book.best(bb)
         if isinstance(book, _DeviceBook) and defer:
             best_x, flags = book.deferred(best_x)
             return unpack(best_x), LinearSolveInfo.deferred(relative, tol, flags=flags, iterations=used,
@@ -334,11 +334,19 @@ class _Book:
     non-positive curvature, which then leaves it); ``after_step`` records the residuals of
     the new iterate, keeps the best iterate per system and says whether to stop; ``beta``
     gives ``β``; ``status`` names how systems that left early ended; ``best`` returns the
-    iterate of lowest residual per system (the initial guess included) and its residual.
+    iterate of lowest residual per system (the initial guess included) and its residual
+    relative to ``‖b‖``.
     """
 
     #: Whether the last iteration had a system diverge by a giant step (classified at once).
     giant_step = False
+
+    best_x: torch.Tensor
+    best_rr: torch.Tensor
+
+    def best(self, bb: torch.Tensor) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
+        """The best iterate per system and its relative residual (``bb``: ``‖b‖²`` per system)."""
+        return self.best_x, safe_div(self.best_rr.clamp_min(0).sqrt(), bb.sqrt())
 
 
 class _HostBook(_Book):
@@ -350,9 +358,17 @@ class _HostBook(_Book):
     non-positive curvature gets its previous ``x``, ``r``, ``z`` back: the step is not taken.
     """
 
-    def __init__(self, x, rr, rz, threshold2, floor2):
+    def __init__(self, x, bb, rr, rz, tol2: float, rounding2: float):
         self.like = rr
-        rr_l, rz_l, thr_l, floor_l = torch.stack([rr, rz, threshold2, floor2]).tolist()
+        self._start(x, rz, *self._initial(bb, rr, rz, tol2, rounding2))
+
+    @staticmethod
+    def _initial(bb, rr, rz, tol2, rounding2):
+        """``rᵀr``, ``rᵀz``, the convergence thresholds ``tol²‖b‖²`` and the rounding levels
+        ``rounding2·‖b‖²`` per system, read at once."""
+        return torch.stack([rr, rz, tol2 * bb, rounding2 * bb]).tolist()
+
+    def _start(self, x, rz, rr_l, rz_l, thr_l, floor_l):
         self.rr, self.rz, self.threshold2, self.floor2 = rr_l, rz_l, thr_l, floor_l
         self.rz_t = rz
         n = len(rr_l)
@@ -467,8 +483,8 @@ class _HostBook(_Book):
         diverging = any(d and not n and not u for d, n, u in zip(self.diverged, self.negative, self.null))
         return _ending(negative, diverging, True), products
 
-    def best(self):
-        return self.best_x, self._tensor(self.best_rr)
+    def best(self, bb):
+        return self.best_x, safe_div(self._tensor(self.best_rr).clamp_min(0).sqrt(), bb.sqrt())
 
 
 class _ScalarBook(_HostBook):
@@ -477,6 +493,58 @@ class _ScalarBook(_HostBook):
     the CPU, instead of one read and four more tensor operations). The decisions are
     :class:`_HostBook`'s; a step that would not be taken (the system is done, or its
     direction has non-positive curvature) gets ``α = 0``, NaN goes through."""
+
+    def _initial(self, bb, rr, rz, tol2, rounding2):
+        # From x = 0 without a preconditioner r = z = b: one number to read.
+        self.bb = bb.item() if rr is bb and rz is bb else None
+        read = [self.bb] * 3 if self.bb is not None else torch.stack([bb, rr, rz]).reshape(3).tolist()
+        self.bb = read[0]
+        return read[1:2], read[2:3], [tol2 * read[0]], [rounding2 * read[0]]
+
+    def _active_mask(self) -> None:
+        self.active = None  # one system: the decisions read self.done
+
+    def moving(self, fresh, old):
+        return old if self.done[0] else fresh
+
+    def after_step(self, step, old, new, rr, rz, check):
+        # _HostBook.after_step for one system, on Python numbers.
+        curv = self.pap_l[0]
+        v = rr.item()
+        w = v if rz is rr else rz.item()
+        self.grew[0] = grew = kept = improved = False
+        if self.done[0]:
+            kept = True
+        elif curv <= 0:  # the step along a direction of non-positive curvature is not taken
+            kept = self.done[0] = self.negative[0] = True
+            self.flip[0] = self.step
+        else:
+            self.peak[0] = max(self.peak[0], curv / self.rr[0])
+            if not (math.isfinite(v) and math.isfinite(w)):
+                self.done[0] = self.nonfinite = True
+                self.current[0] = False
+            else:
+                if v > DIVERGENCE_FACTOR**2 * self.best_rr[0] and v > self.floor2[0]:
+                    grew = self.grew[0] = self.diverged[0] = self.done[0] = True
+                if v < self.best_rr[0]:
+                    self.best_rr[0], improved = v, True
+                self.current[0] = improved
+                if v <= self.threshold2[0]:
+                    self.done[0] = True
+        if kept:
+            new, rz = old, self.rz_t
+        if self.current[0]:
+            self.best_x = new[0]
+        self.rz_new = self.rz if kept else [w]
+        if not kept:
+            self.rr = [v]
+        self.rz_t_new = rz
+        self.giant_step = grew
+        return (*new, rz), ("finished" if self.done[0] else None)
+
+    def best(self, bb):
+        rr = max(self.best_rr[0], 0.0)
+        return self.best_x, math.sqrt(rr) / math.sqrt(self.bb) if self.bb != 0 else 0.0
 
     def step_size(self, step, pap):
         self.step = step
@@ -573,9 +641,6 @@ class _DeviceBook(_Book):
         negative = bool((self.negative & ~singular).any())
         diverging = bool((self.diverged & ~self.negative & ~self.null).any())
         return _ending(negative, diverging, True), products
-
-    def best(self):
-        return self.best_x, self.best_rr
 
     def classify(self, p, ap):
         """Deferred checks: whether each direction that just met ``pᵀAp ≤ 0`` is a null
