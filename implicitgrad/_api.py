@@ -414,22 +414,22 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor], 
                   ) -> List[torch.Tensor]:
     """Check dtypes and devices, and that the parameters are finite. Returns the floating
     parameters whose finiteness is still to be read (``read=False``: all of them)."""
-    floats = [t for t in x_tensors + p_tensors if is_float_tensor(t)]
-    dtypes = sorted({str(t.dtype) for t in floats})
+    tensors = x_tensors + p_tensors
+    dtypes = {t.dtype for t in tensors if is_float_tensor(t)}
     if len(dtypes) > 1:
         raise ValueError(
-            f"x0 and params mix floating dtypes {dtypes}; the condition and its derivatives "
-            "would be computed in mixed precision. Cast every floating tensor to one dtype "
-            "(e.g. .to(torch.float64))."
+            f"x0 and params mix floating dtypes {sorted(str(d) for d in dtypes)}; the condition and "
+            "its derivatives would be computed in mixed precision. Cast every floating tensor to "
+            "one dtype (e.g. .to(torch.float64))."
         )
     # 0-d tensors too: a scalar hyperparameter on another device is as wrong as a vector.
-    devices = sorted({str(t.device) for t in x_tensors + p_tensors})
+    devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(
-            f"x0 and params live on different devices {devices}. Move them to one device "
-            "(e.g. .to('cuda')), 0-d tensors included."
+            f"x0 and params live on different devices {sorted(str(d) for d in devices)}. Move them "
+            "to one device (e.g. .to('cuda')), 0-d tensors included."
         )
-    if devices == ["meta"]:
+    if tensors and tensors[0].is_meta:
         raise ValueError(
             "x0 and params are meta tensors: they have shapes but no values, so the inner "
             "problem cannot be solved nor its residual measured. Create them on a real device "

@@ -70,10 +70,11 @@ def solve_linear(cond: Condition, options: Options, sink: SolveInfo, lin, transp
             _check_symmetric(cond, options, sink, op, b)
         solution, info = run_linear_solver(options.linear_solver, op, b, batch_ndim=n, layout=layout, init=init)
     if not defer:
-        solution = propagate_nonfinite(op, b, solution, info, n)
+        solution = propagate_nonfinite(op, b, solution, info, n,
+                                       rhs_flagged=getattr(options.linear_solver, "_flags_nonfinite_rhs", False))
     if warm is not None:
         warm.store(kind, solution)
-    solution = [t.to(dtype) for t in solution]
+    solution = [t if t.dtype == dtype else t.to(dtype) for t in solution]
     record_outcome(cond, options, sink, info, transpose)
     return solution
 
@@ -90,6 +91,8 @@ def record_outcome(cond: Condition, options: Options, sink: SolveInfo, info: Lin
 
         sink.defer(info.deferred_values(), settle)
         return
+    if options.on_failure == "ignore":
+        return  # the outcome stays in sink, the message would not be shown
     message = outcome_message(cond, info, transpose)
     if message is not None:
         report(message, options.on_failure)

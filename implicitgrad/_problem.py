@@ -137,11 +137,18 @@ class Condition:
 
     # ------------------------------------------------------------------ measurement
     def norms(self, F: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``‖F‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64."""
+        """``‖F‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64.
+
+        Each leaf's norm is taken in its own dtype when that is float32 or float64 (the
+        reduction accumulates in double on the CPU; a norm with ``dtype=float64`` costs a
+        converted copy, 3× the time), in float32 for half precisions, whose largest
+        value (65504) a norm can exceed.
+        """
         n = self.batch_ndim
-        with torch.no_grad():
-            norms = [torch.linalg.vector_norm(c.reshape(*c.shape[:n], -1), dim=-1, dtype=torch.float64) for c in F]
-            return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+        norms = [torch.linalg.vector_norm(c.detach().reshape(*c.shape[:n], -1), dim=-1,
+                                          dtype=None if c.dtype in _NORM_DTYPES else torch.float32) for c in F]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+        return norm.double()
 
     def evaluate(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> Tuple[Leaves, Leaves, Leaves, Leaves]:
         """``F`` at ``(x, θ)`` without its graph kept: ``(F, the user's outputs, the detached
@@ -161,21 +168,27 @@ class Condition:
         """One walk of the graph of the user's outputs ``roots`` built on the leaves ``x``
         and ``p``: an error when it never reaches ``x`` (the condition does not depend on
         ``x``), a warning when it reaches tensors that require grad but are not params."""
-        x_ids, own_ids = {id(t) for t in x}, {id(t) for t in (*x, *p)}
+        x_ids = {id(t) for t in x}
+        own_ids = x_ids.union(id(t) for t in p)
         seen: Set[Any] = set()
         stack, foreign = [r.grad_fn for r in roots if r.grad_fn is not None], []
         reached = False
         while stack and len(seen) < 100_000:
             node = stack.pop()
-            if node is None or node in seen:
+            if node in seen:
                 continue
             seen.add(node)
+            nexts = node.next_functions
+            if nexts:
+                stack += [n for n, _ in nexts if n is not None and n not in seen]
+                continue
+            # Only the nodes of leaves (AccumulateGrad) have no inputs, and a variable.
             var = getattr(node, "variable", None)
             if var is not None:
-                reached = reached or id(var) in x_ids
-                if id(var) not in own_ids:
+                if id(var) in x_ids:
+                    reached = True
+                elif id(var) not in own_ids:
                     foreign.append(var)
-            stack.extend(n for n, _ in node.next_functions if n is not None)
         if not reached and len(seen) < 100_000 and self.output is not None:
             _require_dependence(self.name, self.output, [])
         if foreign:
@@ -254,6 +267,10 @@ def mapping(fn: Callable[..., Any], codec: Codec) -> Condition:
 
 #: The builders by the keyword that names them in ``@ig.implicit(objective=...)``.
 BUILDERS = {"objective": objective, "residual": residual, "mapping": mapping}
+
+
+#: Dtypes whose norms are taken in the dtype itself (see :meth:`Condition.norms`).
+_NORM_DTYPES = (torch.float32, torch.float64)
 
 
 def _sum(out: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,10 @@ class LinearSolver:
 
     #: Whether the solver assumes a symmetric matrix (CG, MINRES).
     symmetric: bool = False
+    #: Whether a right-hand side holding NaN/Inf always ends the solve with status
+    #: ``"nonfinite"`` or a non-finite residual (CG: its first residual norm is ``‖b‖``'s),
+    #: so that a finite outcome proves ``b`` finite (see :func:`propagate_nonfinite`).
+    _flags_nonfinite_rhs: bool = False
 
     def __call__(self, matvec: Callable, b: Any, *, init: Any = None, batch_ndim: int = 0,
                  **deprecated: Any) -> Tuple[Any, LinearSolveInfo]:
@@ -180,7 +184,8 @@ class LinearSolver:
         with recycling(None):  # a solve of its own: no directions of an enclosing implicit solve
             solution, info = self.solve_leaves(flat_matvec, leaves, init=start, batch_ndim=batch_ndim,
                                                layout=layout)
-        solution = propagate_nonfinite(flat_matvec, leaves, solution, info, batch_ndim)
+        solution = propagate_nonfinite(flat_matvec, leaves, solution, info, batch_ndim,
+                                       rhs_flagged=self._flags_nonfinite_rhs)
         return layout.unflatten(solution), info
 
     def solve_leaves(
@@ -199,7 +204,7 @@ class LinearSolver:
     def _finish(
         self,
         iterations: int,
-        rel_residual: torch.Tensor,
+        rel_residual: Union[torch.Tensor, float],
         tol: float,
         status: Optional[str],
     ) -> LinearSolveInfo:
@@ -395,7 +400,8 @@ def poison(x: Vector, bad: torch.Tensor, batch_ndim: int) -> Vector:
 
 
 def propagate_nonfinite(
-    matvec: Matvec, b: Vector, x: Vector, info: LinearSolveInfo, batch_ndim: int
+    matvec: Matvec, b: Vector, x: Vector, info: LinearSolveInfo, batch_ndim: int, *,
+    rhs_flagged: bool = False,
 ) -> Vector:
     """The solution a caller may use: NaN for every system whose data is not finite.
 
@@ -403,8 +409,12 @@ def propagate_nonfinite(
     some finite iterate, often its initial guess; used as a solution, that would turn an
     undefined derivative into a wrong finite number. The systems whose ``b``, solution or
     product ``A x`` hold NaN/Inf get NaN (all of them if none can be told apart).
+    ``rhs_flagged``: the solver ends with such an outcome whenever ``b`` holds NaN/Inf
+    (``LinearSolver._flags_nonfinite_rhs``), so a finite outcome needs no read of ``b``.
     """
     if info.status is not Status.NONFINITE and math.isfinite(info.residual):
+        if rhs_flagged:
+            return x
         if all(host_readable(t) for t in b) and all_finite(b):
             return x  # the common case: nothing to poison, one read
         return poison(x, nonfinite_systems(None, b, None, batch_ndim), batch_ndim)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union, cast
 
 import torch
 
@@ -121,6 +121,9 @@ class CG(SymmetricIterativeSolver):
 
     #: CG can run without reading a value back to the host (``on_failure="defer"``).
     defers = True
+    #: Its first residual norm is that of ``b`` (of ``b − A x₀`` from a guess): NaN/Inf in
+    #: ``b`` ends the solve "nonfinite" or with a non-finite residual, in every bookkeeping.
+    _flags_nonfinite_rhs = True
 
     def __init__(
         self,
@@ -253,8 +256,9 @@ class CG(SymmetricIterativeSolver):
         best_x, relative = book.best(bb)
         if isinstance(book, _DeviceBook) and defer:
             best_x, flags = book.deferred(best_x)
-            return unpack(best_x), LinearSolveInfo.deferred(relative, tol, flags=flags, iterations=used,
-                                                            solver=type(self).__name__)
+            # The device bookkeeping's relative residuals stay on the device.
+            return unpack(best_x), LinearSolveInfo.deferred(cast(torch.Tensor, relative), tol, flags=flags,
+                                                            iterations=used, solver=type(self).__name__)
         if status is None:
             status, products = book.status(op, p, z, p_index, ap)
             used += products

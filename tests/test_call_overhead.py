@@ -1,0 +1,161 @@
+"""What the leaner whole call relies on, checked directly.
+
+* CG ends with status ``"nonfinite"`` (or a non-finite residual) whenever its right-hand
+  side holds NaN/Inf, in each of its bookkeepings, so a finite outcome needs no second
+  look at ``b`` (``LinearSolver._flags_nonfinite_rhs``); the affected systems still get NaN.
+* The library's pytree flattening gives torch's leaves and specs and leaves no reference
+  cycle behind.
+* The forward residual taken in the problem's own dtype matches a float64 reference, and
+  the graph walk still finds captured tensors and a condition that ignores ``x``.
+"""
+
+import collections
+import gc
+import math
+
+import pytest
+import torch
+from torch.utils import _pytree as torch_pytree
+
+import implicitgrad as ig
+from implicitgrad._tree import tree_flatten
+
+DT = torch.float64
+
+
+def _spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=g, dtype=DT)
+    return m @ m.T / n + torch.eye(n, dtype=DT)
+
+
+BOOKKEEPINGS = {
+    "scalar": {},
+    "one_read": {"SCALAR_BOOKKEEPING": False},
+    "device": {"HOST_SYSTEMS": 0},
+}
+
+
+@pytest.mark.parametrize("bookkeeping", sorted(BOOKKEEPINGS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("start", ["zero", "init", "preconditioned"])
+def test_cg_flags_a_nonfinite_right_hand_side(monkeypatch, bookkeeping, bad, start):
+    for name, value in BOOKKEEPINGS[bookkeeping].items():
+        monkeypatch.setattr(ig.CG, name, value)
+    a = _spd(12, 0)
+    b = torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=DT)
+    b[4] = bad
+    kwargs = {"preconditioner": lambda r: r / a.diagonal()} if start == "preconditioned" else {}
+    solver = ig.CG(maxiter=30, tol=1e-10, check_every=1, **kwargs)
+    init = torch.ones(12, dtype=DT) if start == "init" else None
+    x, info = solver(lambda v: a @ v, b, init=init)
+    assert info.status == "nonfinite" or not math.isfinite(info.residual)
+    assert torch.isnan(x).all()
+
+
+@pytest.mark.parametrize("bookkeeping", sorted(BOOKKEEPINGS))
+def test_cg_poisons_only_the_system_with_a_nonfinite_right_hand_side(monkeypatch, bookkeeping):
+    for name, value in BOOKKEEPINGS[bookkeeping].items():
+        monkeypatch.setattr(ig.CG, name, value)
+    a = torch.stack([_spd(6, 0), _spd(6, 1)])
+    b = torch.randn(2, 6, generator=torch.Generator().manual_seed(2), dtype=DT)
+    b[1, 2] = math.nan
+    x, info = ig.CG(maxiter=50, tol=1e-12, check_every=1)(lambda v: (a @ v.unsqueeze(-1)).squeeze(-1), b,
+                                                           batch_ndim=1)
+    assert info.status == "nonfinite"
+    assert torch.isnan(x[1]).all() and torch.isfinite(x[0]).all()
+    if bookkeeping != "device":  # the device bookkeeping stops the whole batch at the NaN
+        torch.testing.assert_close(x[0], torch.linalg.solve(a[0], b[0]))
+
+
+def test_cg_with_a_finite_right_hand_side_returns_the_solution():
+    a = _spd(10, 3)
+    b = torch.randn(10, generator=torch.Generator().manual_seed(4), dtype=DT)
+    x, info = ig.CG(maxiter=100, tol=1e-12)(lambda v: a @ v, b)
+    assert info.converged
+    torch.testing.assert_close(x, torch.linalg.solve(a, b))
+
+
+def test_implicit_solve_reports_a_nonfinite_incoming_gradient_and_returns_nan():
+    a = _spd(5, 5)
+    b = torch.randn(5, generator=torch.Generator().manual_seed(6), dtype=DT, requires_grad=True)
+
+    def objective(x, b):
+        return 0.5 * x @ a @ x - b @ x
+
+    x = ig.implicit_solve(objective, torch.zeros(5, dtype=DT), b,
+                          solver=lambda f, x0, b: torch.linalg.solve(a, b))
+    with pytest.warns(ig.ImplicitGradWarning) as record:
+        (grad,) = torch.autograd.grad((x * torch.tensor([1.0, math.inf, 0, 0, 0], dtype=DT)).sum(), b)
+    messages = [str(w.message) for w in record]
+    assert any("incoming gradient" in m for m in messages)
+    assert any("CG: nonfinite" in m for m in messages)
+    assert torch.isnan(grad).all()
+
+
+NT = collections.namedtuple("NT", "a b")
+TREES = [
+    torch.zeros(2),
+    (torch.zeros(1), 3, None),
+    {"b": torch.ones(2), "a": [torch.zeros(1), (1.0, "x")]},
+    NT(torch.zeros(1), [torch.ones(1)]),
+    collections.OrderedDict(z=torch.zeros(1), a=1),
+    collections.defaultdict(list, {"k": torch.zeros(1)}),
+    [],
+    (),
+    {},
+    None,
+    5,
+]
+
+
+@pytest.mark.parametrize("tree", TREES, ids=range(len(TREES)))
+def test_tree_flatten_is_torchs(tree):
+    leaves, spec = tree_flatten(tree)
+    want_leaves, want_spec = torch_pytree.tree_flatten(tree)
+    assert spec == want_spec
+    assert len(leaves) == len(want_leaves) and all(a is b for a, b in zip(leaves, want_leaves))
+    rebuilt = torch_pytree.tree_unflatten(leaves, spec)
+    assert torch_pytree.tree_flatten(rebuilt)[1] == want_spec
+
+
+def test_tree_flatten_leaves_no_garbage_cycle():
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for tree in TREES:
+            tree_flatten(tree)
+        gc.collect()
+        assert gc.garbage == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_residual_in_the_problems_dtype_matches_float64(dtype):
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(30, 4, generator=g, dtype=dtype)
+    y = torch.randn(30, generator=g, dtype=dtype)
+    lam = torch.tensor(0.5, dtype=dtype, requires_grad=True)
+
+    def objective(w, lam):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w**2).sum()
+
+    w_off = torch.full((4,), 0.3, dtype=dtype)  # not the minimiser: a residual to measure
+    _, info = ig.implicit_solve(objective, torch.zeros(4, dtype=dtype), lam, solver=lambda f, w0, lam: w_off,
+                                on_failure="ignore", return_info=True)
+    Xd, yd, wd = X.double(), y.double(), w_off.double()
+    want = torch.linalg.vector_norm(Xd.T @ (Xd @ wd - yd) + 0.5 * wd).item()
+    assert math.isclose(info.forward_residual, want, rel_tol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_graph_walk_still_finds_a_captured_tensor_and_a_condition_without_x():
+    scale = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    with pytest.warns(ig.ImplicitGradWarning, match="not among params"):
+        ig.implicit_solve(lambda w, lam: 0.5 * scale * lam * (w**2).sum(), torch.zeros(3, dtype=DT), lam,
+                          solver=lambda f, w0, lam: torch.zeros(3, dtype=DT))
+    with pytest.raises(ValueError, match="does not depend on x"):
+        ig.root_solve(lambda x, lam: lam * torch.ones(3, dtype=DT), torch.zeros(3, dtype=DT), lam,
+                      solver=lambda f, x0, lam: x0)
