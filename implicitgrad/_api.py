@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union, overload
+from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar, Union, cast, overload
 
 import torch
 
@@ -11,14 +11,13 @@ from ._compat import apply_function, host_readable, is_wrapped
 from ._compiled import uses_compiled_backward
 from ._defaults import default_linear_solver
 from ._diagnostics import SolveInfo
-from ._forward import Options, call_solver, measure
+from ._forward import Options, call_solver, measure, nonfinite_parameter, settle_parameters, unread_parameters
 from ._functions import Carry, ImplicitSolve
-from ._identity import ByIdentity
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
 from ._validation import SettingError, check_forward_tol, check_linear_solver, check_on_failure
 from ._warm import WarmStart
-from .linalg._base import LinearSolverLike, all_finite
+from .linalg._base import LinearSolverLike, entry_sum
 
 __all__ = ["fixed_point_solve", "implicit", "implicit_solve", "root_solve"]
 
@@ -360,7 +359,9 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     p_tensors = [t for t in p_leaves if isinstance(t, torch.Tensor)]
     _check_complex(x_leaves, p_leaves)
     defer = on_failure == "defer"
-    unread = _check_inputs(x_tensors, p_tensors, read=not defer)
+    _check_inputs(x_tensors, p_tensors)
+    # The parameters' finiteness is read with the forward residual (deferred: at verify()).
+    unread = unread_parameters(p_tensors)
 
     cond = BUILDERS[kind](fn, Codec(x_spec, tuple(x_leaves), p_spec, tuple(p_leaves)))
     if linear_solver is None:
@@ -369,13 +370,16 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
         _check_deferrable(x_tensors + p_tensors, linear_solver, mode, return_info, warm_start)
     options = Options(solver, linear_solver, on_failure, forward_tol, warm_start)
     info = SolveInfo()
-    if unread:
+    if defer and unread:
         _defer_finiteness(info, unread)
     if mode == "unrolled":
+        if unread:
+            settle_parameters(float(cast(torch.Tensor, entry_sum(unread))), unread)
         x = _unrolled(cond, options, info, x_tensors, p_tensors)
     else:
         # The compiled backward linearises by itself: no graph of F is kept for it.
-        carry = Carry(None if uses_compiled_backward(cond, linear_solver) else _backward_needs(p_tensors))
+        carry = Carry(None if uses_compiled_backward(cond, linear_solver) else _backward_needs(p_tensors),
+                      () if defer else unread)
         x = apply_function(ImplicitSolve, cond, options, info, carry, len(x_tensors), *x_tensors, *p_tensors)
     out = cond.codec.x_tree(list(x))
     return (out, info) if return_info else out
@@ -410,10 +414,8 @@ def _unrolled(cond: Condition, options: Options, info: SolveInfo, x0: List[torch
     return x
 
 
-def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor], read: bool = True
-                  ) -> List[torch.Tensor]:
-    """Check dtypes and devices, and that the parameters are finite. Returns the floating
-    parameters whose finiteness is still to be read (``read=False``: all of them)."""
+def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) -> None:
+    """Check that x0 and the params share one floating dtype and one device, not "meta"."""
     tensors = x_tensors + p_tensors
     dtypes = {t.dtype for t in tensors if is_float_tensor(t)}
     if len(dtypes) > 1:
@@ -436,22 +438,6 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor], 
             "(e.g. torch.zeros(..., device='cpu'), or module.to_empty(device='cpu') followed "
             "by an initialisation)."
         )
-    floats = [t for t in p_tensors if is_float_tensor(t) and host_readable(t) and not _FINITE.get([t])]
-    if not read:
-        return floats
-    if all_finite(floats):
-        for t in floats:
-            if t.numel() >= 4096:  # small tensors are cheaper to sum than to track
-                _FINITE.put([t], True)
-    else:
-        t = next(t for t in floats if not bool(torch.isfinite(t).all()))
-        raise ValueError(_nonfinite_parameter(tuple(t.shape)))
-    return []
-
-
-def _nonfinite_parameter(shape: Tuple[int, ...]) -> str:
-    return (f"a parameter of shape {shape} contains NaN/Inf; the inner problem "
-            "and its gradient are undefined. Check the hyperparameters and data.")
 
 
 def _defer_finiteness(info: SolveInfo, floats: List[torch.Tensor]) -> None:
@@ -462,7 +448,7 @@ def _defer_finiteness(info: SolveInfo, floats: List[torch.Tensor]) -> None:
     def settle(values: List[float]) -> None:
         bad = next((t for t, flag in zip(floats, values) if flag), None)
         if bad is not None:
-            raise ValueError(_nonfinite_parameter(tuple(bad.shape)))
+            raise ValueError(nonfinite_parameter(tuple(bad.shape)))
 
     info.defer(flags, settle)
 
@@ -494,11 +480,6 @@ def _check_deferrable(tensors: List[torch.Tensor], linear_solver: Any, mode: str
             "transform (vmap, grad, jvp) does not allow out of it: use on_failure='warn' or "
             "'ignore' inside transforms."
         )
-
-
-#: Tensors known to be finite: a data tensor passed to every call (a design matrix, a
-#: dataset) is summed once per in-place version, not once per call.
-_FINITE: ByIdentity[bool] = ByIdentity(64)
 
 
 def _check_complex(x_leaves: List[Any], p_leaves: List[Any]) -> None:

@@ -8,10 +8,13 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._compat import host_readable
 from ._defaults import forward_tol as default_forward_tol
 from ._diagnostics import SolveInfo, report
+from ._identity import ByIdentity
 from ._linearize import AutogradLinearization
 from ._problem import Condition
+from ._tree import is_float_tensor
 from .linalg._base import entry_sum, finite_given_sum, nonfinite_flags, nonfinite_systems
 
 
@@ -25,6 +28,33 @@ class Options:
     forward_tol: Optional[float] = None
     warm_start: Any = None  # a WarmStart, or None
 
+
+
+#: Tensors known to be finite: a data tensor passed to every call (a design matrix, a
+#: dataset) is summed once per in-place version, not once per call.
+FINITE: ByIdentity[bool] = ByIdentity(64)
+
+
+def unread_parameters(p: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The floating parameters whose finiteness is still to be read: those the host can
+    read and that are not known finite (:data:`FINITE`)."""
+    return [t for t in p if is_float_tensor(t) and host_readable(t) and not FINITE.get([t])]
+
+
+def nonfinite_parameter(shape: Tuple[int, ...]) -> str:
+    return (f"a parameter of shape {shape} contains NaN/Inf; the inner problem "
+            "and its gradient are undefined. Check the hyperparameters and data.")
+
+
+def settle_parameters(total: float, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming a parameter with NaN/Inf, given the sum of the entries
+    of ``tensors`` read by the host; remember the large finite ones (:data:`FINITE`)."""
+    if not finite_given_sum(total, tensors):
+        bad = next(t for t in tensors if not bool(torch.isfinite(t).all()))
+        raise ValueError(nonfinite_parameter(tuple(bad.shape)))
+    for t in tensors:
+        if t.numel() >= 4096:  # small tensors are cheaper to sum than to track
+            FINITE.put([t], True)
 
 
 def call_solver(
@@ -75,17 +105,20 @@ def measure(cond: Condition, x: List[torch.Tensor], p: List[torch.Tensor], on_fa
 
 
 def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[torch.Tensor],
-                p: List[torch.Tensor], p_needs: Optional[Sequence[bool]] = None
+                p: List[torch.Tensor], p_needs: Optional[Sequence[bool]] = None,
+                unread: Sequence[torch.Tensor] = ()
                 ) -> Tuple[List[torch.Tensor], Optional[AutogradLinearization], Optional[torch.Tensor]]:
     """Solve, then measure the forward residual into ``info`` and report it.
 
     Returns ``x``, the linearisation at ``x`` built by the measurement when ``p_needs`` is
     given (the backward pass reuses it instead of building ``F`` again), and the per-problem
-    flags of a non-finite ``x`` (``None`` when ``x`` is finite). The residuals and the
-    finiteness of ``x`` are read by the host once; the residual at ``x0``, the scale of the
-    tolerance, is evaluated only when the residual at ``x`` exceeds ``forward_tol``. With
-    ``on_failure="defer"`` nothing is read: the residuals and the flags stay on the device,
-    kept in ``info`` for :meth:`SolveInfo.verify`, and the flags go to the backward pass.
+    flags of a non-finite ``x`` (``None`` when ``x`` is finite). The residuals, the
+    finiteness of ``x`` and that of the parameters ``unread`` (a ``ValueError`` naming the
+    one with NaN/Inf, raised before anything else is reported) are read by the host once;
+    the residual at ``x0``, the scale of the tolerance, is evaluated only when the residual
+    at ``x`` exceeds ``forward_tol``. With ``on_failure="defer"`` nothing is read: the
+    residuals and the flags stay on the device, kept in ``info`` for
+    :meth:`SolveInfo.verify`, and the flags go to the backward pass.
     """
     x0 = [t.detach() for t in x0]
     p = [t.detach() for t in p]
@@ -109,10 +142,12 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
         info.defer(torch.cat([residuals.reshape(-1), bad.any().to(residuals.dtype).reshape(1)]),
                    lambda values: judge_forward(info, values[:-1], not values[-1], initial, tol))
         return x, lin, bad
-    total = entry_sum(x)
-    # The residuals and the finiteness of x, read together.
-    read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
-    values = read.tolist()
+    total, checked = entry_sum(x), entry_sum(unread)
+    # The residuals, the finiteness of x and that of the parameters, read together.
+    sums = [t.double().reshape(1) for t in (total, checked) if t is not None]
+    values = (torch.cat([residuals.reshape(-1), *sums]) if sums else residuals.reshape(-1)).tolist()
+    if checked is not None:
+        settle_parameters(values.pop(), unread)
     finite = total is None or finite_given_sum(values.pop(), x)
     verdict = judge_forward(info, values, finite, initial, tol)
     if verdict is not None:

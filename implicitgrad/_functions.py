@@ -105,10 +105,13 @@ def _solver(cond: Condition, options: Options, sink: SolveInfo, x, p, differenti
 class Carry:
     """What the forward pass of one call hands to its backward pass: the linearisation its
     residual check built at ``x`` (``lin``, when a first-order backward can reuse it) and the
-    per-problem flags of a non-finite ``x`` (``bad``, ``None`` when ``x`` is finite)."""
+    per-problem flags of a non-finite ``x`` (``bad``, ``None`` when ``x`` is finite). The
+    call gives it the parameters a backward pass will differentiate (``p_needs``) and those
+    whose finiteness the forward check reads with its residual (``unread``)."""
 
-    def __init__(self, p_needs: Optional[Sequence[bool]] = None) -> None:
+    def __init__(self, p_needs: Optional[Sequence[bool]] = None, unread: Sequence[torch.Tensor] = ()) -> None:
         self.p_needs = p_needs
+        self.unread = unread
         self.lin: Optional[AutogradLinearization] = None
         self.bad: Optional[torch.Tensor] = None
 
@@ -141,7 +144,7 @@ class ImplicitSolve(torch.autograd.Function):
     @staticmethod
     def forward(cond: Condition, options: Options, sink: SolveInfo, carry: Carry, nx: int, *leaves):
         x, carry.lin, carry.bad = run_forward(cond, options, sink, list(leaves[:nx]), list(leaves[nx:]),
-                                              carry.p_needs)
+                                              carry.p_needs, carry.unread)
         return _fresh(x, leaves)
 
     @staticmethod

@@ -12,6 +12,7 @@
 import collections
 import gc
 import math
+import re
 
 import pytest
 import torch
@@ -159,3 +160,23 @@ def test_graph_walk_still_finds_a_captured_tensor_and_a_condition_without_x():
     with pytest.raises(ValueError, match="does not depend on x"):
         ig.root_solve(lambda x, lam: lam * torch.ones(3, dtype=DT), torch.zeros(3, dtype=DT), lam,
                       solver=lambda f, x0, lam: x0)
+
+
+@pytest.mark.parametrize("mode", ["implicit", "unrolled"])
+@pytest.mark.parametrize("where", ["hyperparameter", "data"])
+def test_a_nonfinite_parameter_is_named_in_both_modes(mode, where):
+    g = torch.Generator().manual_seed(8)
+    X, y = torch.randn(20, 3, generator=g, dtype=DT), torch.randn(20, generator=g, dtype=DT)
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    if where == "hyperparameter":
+        lam = torch.tensor(math.nan, dtype=DT, requires_grad=True)
+    else:
+        X[2, 1] = math.inf
+
+    def objective(w, lam, X, y):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w**2).sum()
+
+    shape = "()" if where == "hyperparameter" else "(20, 3)"
+    with pytest.raises(ValueError, match=rf"shape {re.escape(shape)} contains NaN/Inf"):
+        ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, X, y, mode=mode,
+                          solver=ig.solvers.GradientDescent(lr=0.01, maxiter=3))
