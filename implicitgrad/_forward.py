@@ -33,12 +33,14 @@ class Options:
 #: Tensors known to be finite: a data tensor passed to every call (a design matrix, a
 #: dataset) is summed once per in-place version, not once per call.
 FINITE: ByIdentity[bool] = ByIdentity(64)
+#: Tensors of fewer entries are cheaper to sum than to look up or remember.
+REMEMBERED = 4096
 
 
 def unread_parameters(p: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """The floating parameters whose finiteness is still to be read: those the host can
     read and that are not known finite (:data:`FINITE`)."""
-    return [t for t in p if is_float_tensor(t) and host_readable(t) and not FINITE.get([t])]
+    return [t for t in p if is_float_tensor(t) and host_readable(t) and (t.numel() < REMEMBERED or not FINITE.get([t]))]
 
 
 def nonfinite_parameter(shape: Tuple[int, ...]) -> str:
@@ -53,7 +55,7 @@ def settle_parameters(total: float, tensors: Sequence[torch.Tensor]) -> None:
         bad = next(t for t in tensors if not bool(torch.isfinite(t).all()))
         raise ValueError(nonfinite_parameter(tuple(bad.shape)))
     for t in tensors:
-        if t.numel() >= 4096:  # small tensors are cheaper to sum than to track
+        if t.numel() >= REMEMBERED:
             FINITE.put([t], True)
 
 
@@ -142,13 +144,15 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
         info.defer(torch.cat([residuals.reshape(-1), bad.any().to(residuals.dtype).reshape(1)]),
                    lambda values: judge_forward(info, values[:-1], not values[-1], initial, tol))
         return x, lin, bad
-    total, checked = entry_sum(x), entry_sum(unread)
-    # The residuals, the finiteness of x and that of the parameters, read together.
-    sums = [t.double().reshape(1) for t in (total, checked) if t is not None]
-    values = (torch.cat([residuals.reshape(-1), *sums]) if sums else residuals.reshape(-1)).tolist()
-    if checked is not None:
-        settle_parameters(values.pop(), unread)
-    finite = total is None or finite_given_sum(values.pop(), x)
+    # The residuals and one sum of the entries of x and of the parameters, read together: a
+    # finite sum proves them all finite (only a non-finite one sends each to its own test).
+    total = entry_sum([*x, *unread])
+    read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
+    values = read.tolist()
+    combined = 0.0 if total is None else values.pop()
+    if unread:
+        settle_parameters(combined, unread)
+    finite = finite_given_sum(combined, x)
     verdict = judge_forward(info, values, finite, initial, tol)
     if verdict is not None:
         report(verdict, options.on_failure)

@@ -21,6 +21,7 @@ linear solvers how many leading dimensions index independent systems.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable, List, Optional, Set, Tuple
 
@@ -46,14 +47,30 @@ class Codec:
         leaves, it = list(template), iter(tensors)
         return [next(it) if isinstance(t, torch.Tensor) else t for t in leaves]
 
+    @functools.cached_property
+    def _x_direct(self) -> Optional[Callable[[Sequence[torch.Tensor]], Any]]:
+        return _direct_unflatten(self.x_spec, self.x_template)
+
+    @functools.cached_property
+    def _params_direct(self) -> Optional[Callable[[Sequence[torch.Tensor]], Any]]:
+        return _direct_unflatten(self.params_spec, self.params_template)
+
     def x_tree(self, x: Sequence[torch.Tensor]) -> Any:
-        return tree_unflatten(self._fill(self.x_template, x), self.x_spec)
+        direct = self._x_direct
+        return direct(x) if direct is not None else tree_unflatten(self._fill(self.x_template, x), self.x_spec)
 
     def params_tree(self, p: Sequence[torch.Tensor]) -> tuple:
+        direct = self._params_direct
+        if direct is not None:
+            return direct(p)
         return tree_unflatten(self._fill(self.params_template, p), self.params_spec)
 
     def x_leaves(self, tree: Any, what: str) -> Leaves:
         """Tensor leaves of a pytree that must have the structure of ``x0``."""
+        ref = self.x_template[0]
+        if (self._x_direct is _first and isinstance(tree, torch.Tensor) and tree.shape == ref.shape
+                and tree.dtype == ref.dtype):
+            return [tree]  # x is one tensor, and so is the output, of x0's shape and dtype
         leaves, spec = tree_flatten(tree)
         if spec != self.x_spec:
             raise ValueError(
@@ -267,6 +284,22 @@ def mapping(fn: Callable[..., Any], codec: Codec) -> Condition:
 
 #: The builders by the keyword that names them in ``@ig.implicit(objective=...)``.
 BUILDERS = {"objective": objective, "residual": residual, "mapping": mapping}
+
+
+def _direct_unflatten(spec: TreeSpec, template: Sequence[Any]) -> Optional[Callable[[Sequence[torch.Tensor]], Any]]:
+    """The two layouts most calls have, rebuilt without the generic unflattening: one
+    tensor (``x0`` a Tensor) and a tuple of tensors (params all Tensors); ``None`` for others."""
+    if not all(isinstance(t, torch.Tensor) for t in template):
+        return None
+    if spec.is_leaf():
+        return _first
+    if spec.type is tuple and all(spec.child(i).is_leaf() for i in range(spec.num_children)):
+        return tuple
+    return None
+
+
+def _first(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    return leaves[0]
 
 
 #: Dtypes whose norms are taken in the dtype itself (see :meth:`Condition.norms`).

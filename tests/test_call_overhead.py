@@ -180,3 +180,23 @@ def test_a_nonfinite_parameter_is_named_in_both_modes(mode, where):
     with pytest.raises(ValueError, match=rf"shape {re.escape(shape)} contains NaN/Inf"):
         ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, X, y, mode=mode,
                           solver=ig.solvers.GradientDescent(lr=0.01, maxiter=3))
+
+
+def test_one_tensor_layout_still_checks_the_solvers_output():
+    def objective(w, lam):
+        return 0.5 * lam * (w**2).sum()
+
+    lam = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="structure"):
+        ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, solver=lambda f, w, lam: (w,))
+    with pytest.raises(ValueError, match="has shape"):
+        ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, solver=lambda f, w, lam: torch.zeros(4, dtype=DT))
+    w = ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, solver=lambda f, w, lam: torch.zeros(3))
+    assert w.dtype == DT  # a float32 output is cast to x0's dtype
+    # A tuple x0 and params given as a tuple: the structure comes back as it went in.
+    out = ig.implicit_solve(lambda x, lam: 0.5 * lam * ((x[0] - 1) ** 2 + (x[1] + 1) ** 2).sum(),
+                            (torch.zeros(2, dtype=DT), torch.zeros(2, dtype=DT)), lam,
+                            solver=lambda f, x, lam: (torch.ones(2, dtype=DT), -torch.ones(2, dtype=DT)))
+    assert isinstance(out, tuple) and len(out) == 2
+    (g,) = torch.autograd.grad(out[0].sum() + out[1].sum(), lam)
+    torch.testing.assert_close(g, torch.zeros((), dtype=DT))  # x* = (1, −1) does not depend on λ
