@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 import torch
 
 from ._diagnostics import report
-from ._tree import TreeSpec, describe, tree_flatten, tree_unflatten
+from ._tree import TreeSpec, describe, tree_flatten, tree_unflatten, unflattener
 
 Leaves = List[torch.Tensor]
 
@@ -68,7 +68,7 @@ class Codec:
     def x_leaves(self, tree: Any, what: str) -> Leaves:
         """Tensor leaves of a pytree that must have the structure of ``x0``."""
         ref = self.x_template[0]
-        if (self._x_direct is _first and isinstance(tree, torch.Tensor) and tree.shape == ref.shape
+        if (self.x_spec.is_leaf() and isinstance(tree, torch.Tensor) and tree.shape == ref.shape
                 and tree.dtype == ref.dtype):
             return [tree]  # x is one tensor, and so is the output, of x0's shape and dtype
         leaves, spec = tree_flatten(tree)
@@ -287,19 +287,12 @@ BUILDERS = {"objective": objective, "residual": residual, "mapping": mapping}
 
 
 def _direct_unflatten(spec: TreeSpec, template: Sequence[Any]) -> Optional[Callable[[Sequence[torch.Tensor]], Any]]:
-    """The two layouts most calls have, rebuilt without the generic unflattening: one
-    tensor (``x0`` a Tensor) and a tuple of tensors (params all Tensors); ``None`` for others."""
+    """The pytree of a layout whose leaves are all tensors, rebuilt by :func:`unflattener`
+    (the spec walked once per call, not once per rebuild); ``None`` for a layout with other
+    leaves (ints, strings, None), filled in by :meth:`Codec._fill`."""
     if not all(isinstance(t, torch.Tensor) for t in template):
         return None
-    if spec.is_leaf():
-        return _first
-    if spec.type is tuple and all(spec.child(i).is_leaf() for i in range(spec.num_children)):
-        return tuple
-    return None
-
-
-def _first(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
-    return leaves[0]
+    return unflattener(spec)
 
 
 #: Dtypes whose norms are taken in the dtype itself (see :meth:`Condition.norms`).

@@ -6,7 +6,7 @@ a pytree means the same here as under ``torch.func.vmap`` / ``grad``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +52,30 @@ def _flatten(node: Any, leaves: List[Any], node_type: Callable[[Any], Any], node
 
 def tree_unflatten(leaves: List[Any], spec: TreeSpec) -> Any:
     return pytree.tree_unflatten(leaves, spec)
+
+
+def unflattener(spec: TreeSpec) -> Callable[[Sequence[Any]], Any]:
+    """``leaves ↦ tree_unflatten(leaves, spec)`` for many calls with one ``spec``: the
+    walk of the spec is done once, here, and each call only rebuilds the containers (the
+    leaves' count is not checked again: the callers pass ``spec.num_leaves`` of them)."""
+    if _REGISTRY is None:
+        return lambda leaves: pytree.tree_unflatten(list(leaves), spec)
+    if spec.is_leaf():
+        return _first
+    build = _builder(spec, _REGISTRY[1])
+    return lambda leaves: build(iter(leaves))
+
+
+def _first(leaves: Sequence[Any]) -> Any:
+    return leaves[0]
+
+
+def _builder(spec: TreeSpec, nodes: Dict[Any, Any]) -> Callable[[Iterator[Any]], Any]:
+    if spec.is_leaf():
+        return next
+    children = [_builder(spec.child(i), nodes) for i in range(spec.num_children)]
+    rebuild, context = nodes[spec.type].unflatten_fn, spec.context
+    return lambda it: rebuild([child(it) for child in children], context)
 
 
 def tree_leaf_names(tree: Any, prefix: str = "") -> List[str]:

@@ -19,7 +19,7 @@ import torch
 from torch.utils import _pytree as torch_pytree
 
 import implicitgrad as ig
-from implicitgrad._tree import tree_flatten
+from implicitgrad._tree import tree_flatten, unflattener
 
 DT = torch.float64
 
@@ -118,6 +118,16 @@ def test_tree_flatten_is_torchs(tree):
     assert len(leaves) == len(want_leaves) and all(a is b for a, b in zip(leaves, want_leaves))
     rebuilt = torch_pytree.tree_unflatten(leaves, spec)
     assert torch_pytree.tree_flatten(rebuilt)[1] == want_spec
+
+
+@pytest.mark.parametrize("tree", TREES, ids=range(len(TREES)))
+def test_unflattener_rebuilds_as_torch_does(tree):
+    leaves, spec = torch_pytree.tree_flatten(tree)
+    fresh = [torch.full((1,), float(i)) for i in range(len(leaves))]
+    got, want = unflattener(spec)(fresh), torch_pytree.tree_unflatten(fresh, spec)
+    assert type(got) is type(want)
+    got_leaves, got_spec = torch_pytree.tree_flatten(got)
+    assert got_spec == spec and all(a is b for a, b in zip(got_leaves, fresh))
 
 
 def test_tree_flatten_leaves_no_garbage_cycle():
