@@ -15,7 +15,7 @@ from ._identity import ByIdentity
 from ._linearize import AutogradLinearization
 from ._problem import Condition
 from ._tree import is_float_tensor
-from .linalg._base import entry_sum, finite_given_sum, nonfinite_flags, nonfinite_systems
+from .linalg._base import finite_given_sum, nonfinite_flags, nonfinite_systems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +144,12 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
         info.defer(torch.cat([residuals.reshape(-1), bad.any().to(residuals.dtype).reshape(1)]),
                    lambda values: judge_forward(info, values[:-1], not values[-1], initial, tol))
         return x, lin, bad
-    # The residuals and one sum of the entries of x and of the parameters, read together: a
-    # finite sum proves them all finite (only a non-finite one sends each to its own test).
-    total = entry_sum([*x, *unread])
-    read = residuals.reshape(-1) if total is None else torch.cat([residuals.reshape(-1), total.double().reshape(1)])
-    values = read.tolist()
-    combined = 0.0 if total is None else values.pop()
+    # The residuals and the sum of the entries of each of x and the parameters, read
+    # together: a finite total proves them all finite (only a non-finite one sends each
+    # tensor to its own test).
+    values = _read_with_sums(residuals.reshape(-1), [*x, *unread])
+    combined = sum(values[residuals.numel():])
+    del values[residuals.numel():]
     if unread:
         settle_parameters(combined, unread)
     finite = finite_given_sum(combined, x)
@@ -159,6 +159,16 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     if not finite:
         return x, None, nonfinite_systems(None, x, None, cond.batch_ndim)
     return x, lin, None
+
+
+def _read_with_sums(values: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[float]:
+    """``values`` followed by the sum of the entries of each of ``tensors`` (those with
+    entries), read by the host in one read."""
+    sums = [t.detach().sum() for t in tensors if t.numel()]
+    if not sums:
+        return values.tolist()
+    dtype = values.dtype
+    return torch.cat([values, torch.stack([s if s.dtype == dtype else s.to(dtype) for s in sums])]).tolist()
 
 
 def judge_forward(info: SolveInfo, values: List[float], finite: bool, initial: Callable[[], List[float]],

@@ -154,18 +154,16 @@ class Condition:
 
     # ------------------------------------------------------------------ measurement
     def norms(self, F: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``‖F‖`` per problem of the batch (shape: the batch dims; 0-d unbatched), in float64.
+        """``‖F‖`` per problem of the batch (shape: the batch dims; 0-d unbatched).
 
-        Each leaf's norm is taken in its own dtype when that is float32 or float64 (the
-        reduction accumulates in double on the CPU; a norm with ``dtype=float64`` costs a
-        converted copy, 3× the time), in float32 for half precisions, whose largest
-        value (65504) a norm can exceed.
+        Taken in ``F``'s dtype when that is float32 or float64 (the reduction accumulates in
+        double on the CPU; a norm with ``dtype=float64`` costs a converted copy, 3× the
+        time), in float32 for half precisions, whose largest value (65504) a norm can exceed.
         """
         n = self.batch_ndim
         norms = [torch.linalg.vector_norm(c.detach().reshape(*c.shape[:n], -1), dim=-1,
                                           dtype=None if c.dtype in _NORM_DTYPES else torch.float32) for c in F]
-        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        return norm.double()
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
     def evaluate(self, x: Sequence[torch.Tensor], p: Sequence[torch.Tensor]) -> Tuple[Leaves, Leaves, Leaves, Leaves]:
         """``F`` at ``(x, θ)`` without its graph kept: ``(F, the user's outputs, the detached

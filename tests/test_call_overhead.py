@@ -210,3 +210,13 @@ def test_one_tensor_layout_still_checks_the_solvers_output():
     assert isinstance(out, tuple) and len(out) == 2
     (g,) = torch.autograd.grad(out[0].sum() + out[1].sum(), lam)
     torch.testing.assert_close(g, torch.zeros((), dtype=DT))  # x* = (1, −1) does not depend on λ
+
+
+def test_opposite_infinities_in_the_solution_are_reported():
+    def objective(w, lam):
+        return 0.5 * lam * (w**2).sum()
+
+    lam = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    with pytest.raises(ig.ConvergenceError, match="NaN/Inf"):
+        ig.implicit_solve(objective, torch.zeros(2, dtype=DT), lam, on_failure="raise",
+                          solver=lambda f, w, lam: torch.tensor([math.inf, -math.inf], dtype=DT))
