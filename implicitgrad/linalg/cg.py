@@ -345,13 +345,6 @@ class _Book:
     #: Whether the last iteration had a system diverge by a giant step (classified at once).
     giant_step = False
 
-    best_x: torch.Tensor
-    best_rr: torch.Tensor
-
-    def best(self, bb: torch.Tensor) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
-        """The best iterate per system and its relative residual (``bb``: ``‖b‖²`` per system)."""
-        return self.best_x, safe_div(self.best_rr.clamp_min(0).sqrt(), bb.sqrt())
-
 
 class _HostBook(_Book):
     """Per-system scalars as Python numbers, read by the host once per iteration.
@@ -500,9 +493,8 @@ class _ScalarBook(_HostBook):
 
     def _initial(self, bb, rr, rz, tol2, rounding2):
         # From x = 0 without a preconditioner r = z = b: one number to read.
-        self.bb = bb.item() if rr is bb and rz is bb else None
-        read = [self.bb] * 3 if self.bb is not None else torch.stack([bb, rr, rz]).reshape(3).tolist()
-        self.bb = read[0]
+        read = [bb.item()] * 3 if rr is bb and rz is bb else torch.stack([bb, rr, rz]).reshape(3).tolist()
+        self.bb = read[0]  # ‖b‖², for the relative residual of best()
         return read[1:2], read[2:3], [tol2 * read[0]], [rounding2 * read[0]]
 
     def _active_mask(self) -> None:
@@ -645,6 +637,9 @@ class _DeviceBook(_Book):
         negative = bool((self.negative & ~singular).any())
         diverging = bool((self.diverged & ~self.negative & ~self.null).any())
         return _ending(negative, diverging, True), products
+
+    def best(self, bb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.best_x, safe_div(self.best_rr.clamp_min(0).sqrt(), bb.sqrt())
 
     def classify(self, p, ap):
         """Deferred checks: whether each direction that just met ``pᵀAp ≤ 0`` is a null
