@@ -147,7 +147,7 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
     # The residuals and the sum of the entries of each of x and the parameters, read
     # together: a finite total proves them all finite (only a non-finite one sends each
     # tensor to its own test).
-    values = _read_with_sums(residuals.reshape(-1), [*x, *unread])
+    values = _read_with_sums(residuals, [*x, *unread])
     combined = sum(values[residuals.numel():])
     del values[residuals.numel():]
     if unread:
@@ -162,13 +162,13 @@ def run_forward(cond: Condition, options: Options, info: SolveInfo, x0: List[tor
 
 
 def _read_with_sums(values: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[float]:
-    """``values`` followed by the sum of the entries of each of ``tensors`` (those with
-    entries), read by the host in one read."""
-    sums = [t.detach().sum() for t in tensors if t.numel()]
-    if not sums:
-        return values.tolist()
+    """The entries of ``values`` followed by the sum of the entries of each of ``tensors``
+    (those with entries), read by the host in one read."""
     dtype = values.dtype
-    return torch.cat([values, torch.stack([s if s.dtype == dtype else s.to(dtype) for s in sums])]).tolist()
+    sums = [s if s.dtype == dtype else s.to(dtype) for s in (t.detach().sum() for t in tensors if t.numel())]
+    if values.dim() == 0:  # one problem: one stack of numbers
+        return torch.stack([values, *sums]).tolist()
+    return (torch.cat([values.reshape(-1), torch.stack(sums)]) if sums else values.reshape(-1)).tolist()
 
 
 def judge_forward(info: SolveInfo, values: List[float], finite: bool, initial: Callable[[], List[float]],

@@ -220,3 +220,48 @@ def test_opposite_infinities_in_the_solution_are_reported():
     with pytest.raises(ig.ConvergenceError, match="NaN/Inf"):
         ig.implicit_solve(objective, torch.zeros(2, dtype=DT), lam, on_failure="raise",
                           solver=lambda f, w, lam: torch.tensor([math.inf, -math.inf], dtype=DT))
+
+
+def _ones(f, w0, lam):
+    return torch.ones(3, dtype=DT)
+
+
+def test_a_function_that_captures_a_tensor_is_reported_at_every_call():
+    scale = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+
+    def objective(w, lam):
+        return 0.5 * scale * lam * ((w - 1) ** 2).sum()
+
+    for _ in range(3):
+        with pytest.warns(ig.ImplicitGradWarning, match="not among params"):
+            ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
+
+
+def test_the_walk_is_remembered_per_instance_for_methods():
+    class Problem:
+        def __init__(self, captured):
+            self.captured = captured
+
+        def objective(self, w, lam):
+            return 0.5 * lam * self.captured * ((w - 1) ** 2).sum()
+
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    clean, leaky = Problem(torch.tensor(2.0, dtype=DT)), Problem(torch.tensor(2.0, dtype=DT, requires_grad=True))
+    for _ in range(2):  # the clean instance's method is walked once, then remembered
+        w = ig.implicit_solve(clean.objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
+        (g,) = torch.autograd.grad(w.sum(), lam)
+        torch.testing.assert_close(g, torch.zeros((), dtype=DT))  # x* = 1 whatever λ
+    with pytest.warns(ig.ImplicitGradWarning, match="not among params"):  # same function, other instance
+        ig.implicit_solve(leaky.objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
+
+
+def test_a_condition_without_x_is_refused_at_every_call():
+    lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
+
+    def residual(x, lam):
+        return lam * torch.ones(3, dtype=DT)
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match="does not depend on x"):
+            ig.root_solve(residual, torch.zeros(3, dtype=DT), lam, solver=lambda f, x0, lam: x0)
