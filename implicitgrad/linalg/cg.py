@@ -196,7 +196,7 @@ class CG(SymmetricIterativeSolver):
         # SCALAR_BOOKKEEPING). A long system's inner products are matrix products in every
         # bookkeeping alike.
         scalar = host and rhs.shape[0] == 1 and self.SCALAR_BOOKKEEPING and rhs.device.type == "cpu"
-        dot = _row_dot if rhs.shape[0] == 1 and rhs.shape[1] >= _ROW_DOT_SIZE else vecdot
+        dot = _row_dot if rhs.shape[0] == 1 and rhs.shape[1] >= _ROW_DOT_SIZE else torch.linalg.vecdot
         bb = dot(rhs, rhs)
         if init is None:
             x, r = torch.zeros_like(rhs), rhs
@@ -234,7 +234,7 @@ class CG(SymmetricIterativeSolver):
                 used += 1
             else:
                 r_new = _axpy(r, alpha, ap, -1.0)
-            z_new = prec(r_new)
+            z_new = r_new if plain else prec(r_new)
             rz_new = dot(r_new, z_new)
             rr = rz_new if plain else dot(r_new, r_new)
             p_index = step
