@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from collections.abc import Sequence
 from typing import Any, Callable, List, Optional, Set, Tuple
 
@@ -185,13 +184,11 @@ class Condition:
         and ``p``: an error when it never reaches ``x`` (the condition does not depend on
         ``x``), a warning when it reaches tensors that require grad but are not params.
 
-        The walk runs once per function object (a method: per function and instance): a
-        function whose walk reached ``x`` and found nothing captured is not walked again
-        in later calls (its graph's nodes cost about 1 µs each to visit, and more on a
-        cold cache); one that captures a tensor is walked, and reported, at every call.
+        It runs at every call: a function clean once can capture later (a module unfrozen
+        after a warm-up, a global rebound). It reads variables only at the graph's leaves;
+        on the whole-call benchmark it costs about 40 µs for logistic regression and 80 µs
+        for the iMAML MLP, about 1 % of the call.
         """
-        if _WALKED.has(self.fn):
-            return
         x_ids = {id(t) for t in x}
         own_ids = x_ids.union(id(t) for t in p)
         seen: Set[Any] = set()
@@ -215,8 +212,6 @@ class Condition:
                     foreign.append(var)
         if not reached and len(seen) < 100_000 and self.output is not None:
             _require_dependence(self.name, self.output, [])
-        if reached and not foreign:
-            _WALKED.add(self.fn)
         if foreign:
             shapes = ", ".join(str(tuple(v.shape)) for v in foreign[:5])
             report(
@@ -227,45 +222,6 @@ class Condition:
                 "torch.func.functional_call), or .detach() them if no gradient is wanted.",
                 "warn" if on_failure != "ignore" else "ignore",
             )
-
-
-class _Functions:
-    """A set of functions held weakly: plain callables by themselves, bound methods by
-    their function and instance (a new bound-method object is made at each attribute
-    access). A callable that cannot be referenced weakly is never in the set."""
-
-    def __init__(self) -> None:
-        self._plain: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._methods: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
-
-    @staticmethod
-    def _parts(fn: Any) -> Tuple[Any, Any]:
-        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
-        return (owner, func) if owner is not None and func is not None else (None, fn)
-
-    def has(self, fn: Any) -> bool:
-        owner, func = self._parts(fn)
-        try:
-            if owner is None:
-                return func in self._plain
-            funcs = self._methods.get(owner)
-            return funcs is not None and func in funcs
-        except TypeError:  # not weakly referenceable
-            return False
-
-    def add(self, fn: Any) -> None:
-        owner, func = self._parts(fn)
-        try:
-            if owner is None:
-                self._plain.add(func)
-            else:
-                self._methods.setdefault(owner, weakref.WeakSet()).add(func)
-        except TypeError:
-            pass
-
-
-#: The functions whose graph walk (:meth:`Condition.check_graph`) found them clean.
-_WALKED = _Functions()
 
 
 # ---------------------------------------------------------------------- the three builders

@@ -13,6 +13,7 @@ import collections
 import gc
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -238,7 +239,10 @@ def test_a_function_that_captures_a_tensor_is_reported_at_every_call():
             ig.implicit_solve(objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
 
 
-def test_the_walk_is_remembered_per_instance_for_methods():
+def test_a_function_that_captures_later_is_reported_when_it_does():
+    """Clean at first (a frozen module), capturing later (unfrozen): the walk runs at every
+    call, so the call after the change is reported; another instance of a method too."""
+
     class Problem:
         def __init__(self, captured):
             self.captured = captured
@@ -247,11 +251,17 @@ def test_the_walk_is_remembered_per_instance_for_methods():
             return 0.5 * lam * self.captured * ((w - 1) ** 2).sum()
 
     lam = torch.tensor(0.5, dtype=DT, requires_grad=True)
-    clean, leaky = Problem(torch.tensor(2.0, dtype=DT)), Problem(torch.tensor(2.0, dtype=DT, requires_grad=True))
-    for _ in range(2):  # the clean instance's method is walked once, then remembered
-        w = ig.implicit_solve(clean.objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
+    problem = Problem(torch.tensor(2.0, dtype=DT))
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ig.ImplicitGradWarning)
+            w = ig.implicit_solve(problem.objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
         (g,) = torch.autograd.grad(w.sum(), lam)
         torch.testing.assert_close(g, torch.zeros((), dtype=DT))  # x* = 1 whatever λ
+    problem.captured.requires_grad_(True)
+    with pytest.warns(ig.ImplicitGradWarning, match="not among params"):
+        ig.implicit_solve(problem.objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
+    leaky = Problem(torch.tensor(2.0, dtype=DT, requires_grad=True))
     with pytest.warns(ig.ImplicitGradWarning, match="not among params"):  # same function, other instance
         ig.implicit_solve(leaky.objective, torch.zeros(3, dtype=DT), lam, solver=_ones)
 
