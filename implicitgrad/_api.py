@@ -11,7 +11,7 @@ from ._compat import apply_function, host_readable, is_wrapped
 from ._compiled import uses_compiled_backward
 from ._defaults import default_linear_solver
 from ._diagnostics import SolveInfo
-from ._forward import Options, call_solver, measure, nonfinite_parameter, settle_parameters, unread_parameters
+from ._forward import Options, call_solver, defer_parameters, measure, settle_parameters, unread_parameters
 from ._functions import Carry, ImplicitSolve
 from ._problem import BUILDERS, Codec, Condition
 from ._tree import is_float_tensor, tree_flatten
@@ -371,7 +371,7 @@ def _solve(kind: str, fn: Any, x0: Any, params: Tuple[Any, ...], solver: Any, li
     options = Options(solver, linear_solver, on_failure, forward_tol, warm_start)
     info = SolveInfo()
     if defer and unread:
-        _defer_finiteness(info, unread)
+        defer_parameters(info, unread)
     if mode == "unrolled":
         if unread:
             settle_parameters(float(cast(torch.Tensor, entry_sum(unread))), unread)
@@ -438,19 +438,6 @@ def _check_inputs(x_tensors: List[torch.Tensor], p_tensors: List[torch.Tensor]) 
             "(e.g. torch.zeros(..., device='cpu'), or module.to_empty(device='cpu') followed "
             "by an initialisation)."
         )
-
-
-def _defer_finiteness(info: SolveInfo, floats: List[torch.Tensor]) -> None:
-    """The parameters' finiteness, kept on the device for :meth:`SolveInfo.verify`, which
-    raises ``ValueError`` as the eager check does."""
-    flags = torch.stack([~torch.isfinite(t).all() for t in floats]).double()
-
-    def settle(values: List[float]) -> None:
-        bad = next((t for t, flag in zip(floats, values) if flag), None)
-        if bad is not None:
-            raise ValueError(nonfinite_parameter(tuple(bad.shape)))
-
-    info.defer(flags, settle)
 
 
 def _check_deferrable(tensors: List[torch.Tensor], linear_solver: Any, mode: str, return_info: bool,

@@ -59,6 +59,19 @@ def settle_parameters(total: float, tensors: Sequence[torch.Tensor]) -> None:
             FINITE.put([t], True)
 
 
+def defer_parameters(info: SolveInfo, tensors: Sequence[torch.Tensor]) -> None:
+    """The parameters' finiteness, kept on the device for :meth:`SolveInfo.verify`
+    (``on_failure="defer"``), which raises the ``ValueError`` of :func:`settle_parameters`."""
+    flags = torch.stack([~torch.isfinite(t).all() for t in tensors]).double()
+
+    def settle(values: List[float]) -> None:
+        bad = next((t for t, flag in zip(tensors, values) if flag), None)
+        if bad is not None:
+            raise ValueError(nonfinite_parameter(tuple(bad.shape)))
+
+    info.defer(flags, settle)
+
+
 def call_solver(
     cond: Condition, solver: Any, x0: List[torch.Tensor], p: List[torch.Tensor]
 ) -> Tuple[List[torch.Tensor], Optional[int], str]:
