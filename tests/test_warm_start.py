@@ -282,3 +282,97 @@ def test_extrapolated_starts_give_the_same_gradients_in_fewer_products_on_a_smoo
     assert max(err_plain + err_extrapolated) < 1e-8
     assert extrapolated[:2] == plain[:2]  # no line yet at the first two steps
     assert sum(extrapolated[2:]) < sum(plain[2:])
+
+
+# ------------------------------------------------------------------ the chain of solves
+def _cg_pairs(a, b, steps):
+    """The directions and products of ``steps`` plain CG steps on ``a x = b`` (one system)."""
+    x, r = torch.zeros_like(b), b.clone()
+    p, pairs = r.clone(), []
+    for _ in range(steps):
+        ap = a @ p
+        pairs.append((p.unsqueeze(0).clone(), ap.unsqueeze(0).clone()))
+        alpha = (r @ r) / (p @ ap)
+        x, r_new = x + alpha * p, r - alpha * ap
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    return pairs
+
+
+def _recycler_of(*solves, memory=100):
+    from implicitgrad.linalg._recycle import Recycler
+
+    rec = Recycler(memory=memory)
+    for pairs in solves:
+        for s, y in pairs:
+            rec.record(s, y, (s * y).sum(-1))
+        rec.finish()
+    return rec
+
+
+def _dense(h, n):
+    return torch.stack([h(e.unsqueeze(0))[0] for e in torch.eye(n, dtype=DT)])
+
+
+def test_chained_preconditioner_is_spd_and_inverts_the_newest_matrix_on_its_directions():
+    # Two solves of two different matrices: the newest solve's pairs are inverted exactly,
+    # whatever the older solve said about the same directions; H stays SPD.
+    a_old, a_new = _spd(20, 5), _spd(20, 6)
+    b = torch.randn(20, dtype=DT, generator=torch.Generator().manual_seed(7))
+    old, new = _cg_pairs(a_old, b, 8), _cg_pairs(a_new, b, 5)
+    rec = _recycler_of(old, new)
+    assert rec.sizes == [8, 5] and len(rec.pairs) == 13
+    h = rec.preconditioner(torch.zeros(1, 20, dtype=DT))
+    hm = _dense(h, 20)
+    torch.testing.assert_close(hm, hm.T, rtol=1e-9, atol=1e-11)
+    assert torch.linalg.eigvalsh(0.5 * (hm + hm.T)).min() > 0
+    for s, y in new:
+        torch.testing.assert_close(h(y), s, rtol=1e-8, atol=1e-10)
+    # The chain, written out: γ I (γ = sᵀy / yᵀy of the newest pair), updated by the old
+    # solve's pairs, then by the new solve's (Gratton, Sartenaer and Tshimanga's H with M
+    # the level below).
+    gamma = float(new[-1][0] @ new[-1][1].T / (new[-1][1] @ new[-1][1].T))
+    expected = gamma * torch.eye(20, dtype=DT)
+    for pairs in (old, new):
+        s = torch.cat([p[0] for p in pairs]).T  # (20, k)
+        y = torch.cat([p[1] for p in pairs]).T
+        d_inv = torch.linalg.inv(0.5 * (s.T @ y + y.T @ s))
+        left = torch.eye(20, dtype=DT) - s @ d_inv @ y.T
+        expected = left @ expected @ left.T + s @ d_inv @ s.T
+    torch.testing.assert_close(hm, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_memory_cuts_the_oldest_solves_first():
+    a = _spd(12, 8)
+    b = torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(9))
+    solves = [_cg_pairs(a, b, 4), _cg_pairs(a, b + 1, 3), _cg_pairs(a, b - 1, 5)]
+    rec = _recycler_of(*solves, memory=6)
+    assert rec.sizes == [1, 5] and len(rec.pairs) == 6
+    assert rec.pairs[0][0] is solves[1][-1][0] and rec.pairs[-1][0] is solves[2][-1][0]
+    assert [len(g) for g in rec.solves()] == [1, 5]
+
+
+def test_recycling_builds_on_the_users_preconditioner():
+    # The user's preconditioner is the first level of the recycled one (it used to switch
+    # recycling off): a repeated system is solved in fewer products, to the same gradient.
+    a = _spd(60, 10, cond=1e4)
+    b = torch.randn(60, dtype=DT, generator=torch.Generator().manual_seed(11))
+    jacobi = 1 / torch.diagonal(a)
+    runs = {}
+    for recycle in (0, 60):
+        ws, its = ig.WarmStart(recycle=recycle), []
+        for k in range(3):
+            lam = torch.tensor(1.0 + 1e-3 * k, dtype=DT, requires_grad=True)
+
+            def quadratic(x, lam):
+                return 0.5 * x @ (a @ x) + 0.5 * lam * (x**2).sum() - b @ x
+
+            m = a + lam.detach() * torch.eye(60, dtype=DT)
+            cg = ig.CG(maxiter=300, tol=1e-10, preconditioner=lambda v: jacobi * v)
+            x, info = ig.implicit_solve(quadratic, torch.zeros(60, dtype=DT), lam, return_info=True, warm_start=ws,
+                                        solver=lambda f, x0, lam, m=m: torch.linalg.solve(m, b), linear_solver=cg)
+            (g,) = torch.autograd.grad(x.sum(), lam)
+            torch.testing.assert_close(g, -(torch.linalg.solve(m, torch.ones(60, dtype=DT)) @ x.detach()),
+                                       rtol=1e-8, atol=1e-12)
+            its.append(info.backward.iterations)
+        runs[recycle] = its
+    assert runs[60][1] < runs[0][1] / 2 and runs[60][2] < runs[0][2] / 2

@@ -179,16 +179,20 @@ class CG(SymmetricIterativeSolver):
             return pack(damped(unpack(v)))
 
         rhs = pack(b)
+
+        def users(r: torch.Tensor) -> torch.Tensor:
+            return pack(cast(Callable[[Vector], Vector], precond)(unpack(r)))
+
         # Directions recycled from earlier solves of a repeated system (ig.WarmStart(recycle=k))
-        # precondition this one when the user gave no preconditioner; this solve's are kept.
+        # precondition this one, around the user's preconditioner if any; this solve's are kept.
         recycler = current_recycler()
-        deflate = None if recycler is None or precond is not None else recycler.preconditioner(rhs)
+        deflate = None if recycler is None else recycler.preconditioner(rhs, None if precond is None else users)
         plain = precond is None and deflate is None
 
         def prec(r: torch.Tensor) -> torch.Tensor:
             if deflate is not None:
                 return deflate(r)
-            return r if precond is None else pack(precond(unpack(r)))
+            return r if precond is None else users(r)
 
         defer = deferring()
         host = not defer and every == 1 and rhs.shape[0] <= self.HOST_SYSTEMS
