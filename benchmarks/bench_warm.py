@@ -21,10 +21,11 @@ pays for its initial residual ``b − H u₀``. The warm state kept for the next
 solution found at that smallest budget (what a solve stopping at the target would keep).
 
 Where ``ig.WarmStart`` exists, the same search also runs through
-``ig.implicit_solve(..., warm_start=ig.WarmStart(recycle=RECYCLE))`` (the previous solution
-and the last :data:`RECYCLE` CG directions as a preconditioner; products: the library's
-count plus the initial residual), and :class:`LibraryPath` repeats the steps with
-``ig.CG(tol=1e-8)`` as a user would run them.
+``ig.implicit_solve(..., warm_start=ig.WarmStart(recycle=RECYCLE, extrapolate=True))`` (the
+line through the last two solutions as the start, and the last :data:`RECYCLE` CG directions
+as a preconditioner; products: the library's count plus the initial residual), on the HPO
+runs with the memories of :data:`SWEEP` as well, and :class:`LibraryPath` repeats the steps
+with ``ig.CG(tol=1e-8)`` as a user would run them.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ TARGET_RATIO = 2.0  # the issue's target: warm starts need at least 2x fewer pro
 DENSE_MAX = 1000
 TINY_TOL = 1e-30
 KMAX = 4096
-RECYCLE = 10  # CG directions an ig.WarmStart(recycle=...) keeps across solves
+RECYCLE = 30  # CG directions an ig.WarmStart(recycle=...) keeps across solves
+SWEEP = (10, 20, 50)  # other memories measured on the HPO runs
 LIBRARY_TOL = 1e-8  # relative residual of the library-path CG solves
 
 
@@ -168,9 +170,15 @@ def unflat(vector: torch.Tensor, like: Dict[str, torch.Tensor]) -> Dict[str, tor
     return out
 
 
-def count_step(system: System, state: Dict[str, Any], tol: float) -> Dict[str, Any]:
+def library_warm_start(recycle: int = RECYCLE):
+    """The ``ig.WarmStart`` the library columns measure."""
+    return ig.WarmStart(recycle=recycle, extrapolate=True)
+
+
+def count_step(system: System, state: Dict[str, Any], tol: float, sweep=()) -> Dict[str, Any]:
     """Products cold, warm (CG from the kept solution) and, where ``ig.WarmStart`` exists,
-    through the library with ``WarmStart(recycle=RECYCLE)``, at one outer step.
+    through the library with :func:`library_warm_start` (and the memories of ``sweep``), at
+    one outer step.
 
     ``state`` holds what the previous step kept (``init``: a solution, ``ws``: a WarmStart)
     and is updated with what this step keeps.
@@ -186,19 +194,24 @@ def count_step(system: System, state: Dict[str, Any], tol: float) -> Dict[str, A
               "extrapolated_distance": None if previous is None else float((line - ref).norm() / ref.norm())}
     state["previous"], state["init"] = init, kept.detach()
     if warm_start_supported():
-        ws = state.setdefault("ws", ig.WarmStart(recycle=RECYCLE))
+        ws = state.setdefault("ws", library_warm_start())
         counts["recycled"], state["ws"] = smallest_budget(tol, lambda K: system.attempt_library(K, ws), 1)
+        counts["sweep"] = {}
+        for k in sweep:
+            ws = state.setdefault(f"ws{k}", library_warm_start(k))
+            counts["sweep"][k], state[f"ws{k}"] = smallest_budget(
+                tol, lambda K, ws=ws: system.attempt_library(K, ws), 1)
     return counts
 
 
 class LibraryPath:
     """The same outer steps through ``ig.implicit_solve`` with ``ig.CG(tol=LIBRARY_TOL)``:
-    cold, and with one ``ig.WarmStart(recycle=RECYCLE)`` carried along (one per task). Products are the
+    cold, and with one :func:`library_warm_start` carried along (one per task). Products are the
     library's own count (``info.backward.iterations``) plus one for a warm start's initial
     residual; errors are against the same reference."""
 
     def __init__(self) -> None:
-        self.ws = ig.WarmStart(recycle=RECYCLE)
+        self.ws = library_warm_start()
         self.products = {"cold": 0, "warm": 0}
         self.max_error = {"cold": 0.0, "warm": 0.0}
 
@@ -242,8 +255,10 @@ def totals(per_step: List[Dict[str, Any]]) -> Dict[str, Any]:
            "median_extrapolated_distance": statistics.median(lines) if lines else None}
     if all("recycled" in s for s in per_step):
         recycled = sum(s["recycled"] for s in per_step)
-        out.update({"recycle": RECYCLE, "recycled_total": recycled, "recycled_ratio": cold / recycled,
-                    "recycled": [s["recycled"] for s in per_step]})
+        out.update({"recycle": RECYCLE, "extrapolate": True, "recycled_total": recycled,
+                    "recycled_ratio": cold / recycled, "recycled": [s["recycled"] for s in per_step]})
+        sweep = {k: sum(s["sweep"][k] for s in per_step) for k in per_step[0].get("sweep", {})}
+        out["sweep"] = {str(k): {"total": v, "ratio": cold / v} for k, v in {**sweep, RECYCLE: recycled}.items()}
     return out
 
 
@@ -294,7 +309,7 @@ def fallback_hpo_problem(seed: int):
 
 
 def hpo_run(steps: int, lr: float = 0.1, seed: int = 0, tol: float = TARGET_ERROR,
-            progress: Optional[Callable] = None):
+            progress: Optional[Callable] = None, sweep=SWEEP):
     """Adam with step ``lr`` on the log-penalties; the products of every outer step, cold and warm."""
     try:
         objective, outer, solve, theta, x, description = hpo_problem(seed)
@@ -309,7 +324,7 @@ def hpo_run(steps: int, lr: float = 0.1, seed: int = 0, tol: float = TARGET_ERRO
     for step in range(steps):
         x = solve(theta, x)
         system = System(objective, outer, x, theta)
-        counts = count_step(system, state, tol)
+        counts = count_step(system, state, tol, sweep)
         if library is not None:
             library.step(system, objective, outer)
         counts["start_distance"] = [counts["start_distance"]]
@@ -369,6 +384,7 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
                 libraries[i].step(system, objective, outer)
             counts["start_distance"].append(task_counts.pop("start_distance"))
             counts["extrapolated_distance"].append(task_counts.pop("extrapolated_distance"))
+            task_counts.pop("sweep", None)
             for key, value in task_counts.items():
                 counts[key] = counts.get(key, 0) + value
             meta_grad += system.reference.detach() / tasks

@@ -137,8 +137,9 @@ class Tuner:
         lr: Adam step size on ``θ``.
         linear: ``"cg"`` (CG to convergence) or ``"neumann"`` (a fixed number of terms).
         neumann_terms: terms of the Neumann series per hypergradient.
-        warm_start: CG starts each backward solve from the previous outer step's solution
-            (an :class:`ig.WarmStart`).
+        warm_start: CG starts each backward solve from the line through the last two outer
+            steps' solutions, preconditioned by their last 30 CG directions
+            (``ig.WarmStart(recycle=30, extrapolate=True)``).
     """
 
     def __init__(self, data, theta0: torch.Tensor, lr: float, linear: str, neumann_terms: int,
@@ -146,7 +147,7 @@ class Tuner:
         if linear not in ("cg", "neumann"):
             raise ValueError(f"linear must be 'cg' or 'neumann', got {linear!r}.")
         self.data, self.linear, self.neumann_terms = data, linear, neumann_terms
-        self.warm = ig.WarmStart() if warm_start and linear == "cg" else None
+        self.warm = ig.WarmStart(recycle=30, extrapolate=True) if warm_start and linear == "cg" else None
         self.theta = theta0.detach().clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.theta], lr=lr)
         self.model = zero_model(data["train"][0])
@@ -268,7 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--theta0", type=float, default=0.0, help="initial log λ_j (0: λ_j = 1, too strong)")
     parser.add_argument("--neumann-terms", type=int, default=50, help="Neumann terms per hypergradient")
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
-                        help="start every CG backward solve from 0 (default: from the previous outer step's solution)")
+                        help="start every CG backward solve from 0, unpreconditioned (default: "
+                             "ig.WarmStart(recycle=30, extrapolate=True), from the last two solutions)")
     parser.set_defaults(threads=1)
     args = parse_args(parser, argv)
     steps = args.steps or (30 if args.quick else 50)
