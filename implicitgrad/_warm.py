@@ -151,6 +151,24 @@ class WarmStart:
         return all(host_readable(t) for t in b)
 
 
+def warm_template(value: object, owner: str) -> Optional[WarmStart]:
+    """The ``warm_start=`` of a layer or a learner: ``False`` (none), ``True`` (a plain
+    :class:`WarmStart`) or a :class:`WarmStart`, whose settings it uses."""
+    if isinstance(value, WarmStart):
+        return value
+    if isinstance(value, bool):
+        return WarmStart() if value else None
+    raise TypeError(
+        f"{owner}: warm_start must be True, False or an ig.WarmStart(recycle=..., extrapolate=...) "
+        f"giving the settings, got {value!r}."
+    )
+
+
+def settings_of(template: WarmStart) -> WarmStart:
+    """A new :class:`WarmStart` with ``template``'s settings and nothing stored."""
+    return WarmStart(recycle=template.recycle, extrapolate=template.extrapolate)
+
+
 def _fits(stored: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     """Whether stored leaves have ``b``'s number, shapes, dtypes and devices."""
     return len(stored) == len(b) and all(

@@ -150,30 +150,38 @@ def test_layer_warm_start_reuses_its_solutions_with_the_same_gradients():
     assert layer._last_x is None
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_imaml_warm_start_per_task_gives_the_same_meta_gradient(batched):
+def _imaml_tasks():
     g = torch.Generator().manual_seed(0)
     tasks = []
     for _ in range(3):
         w = torch.randn(3, 1, generator=g, dtype=DT)
         x_s, x_q = torch.randn(6, 3, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT)
         tasks.append((x_s, x_s @ w, x_q, x_q @ w))
-    runs = {}
-    for warm in (False, True):
-        torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DT)
-        learner = meta.IMAML(model, mse_loss, lam=1.0, linear_solver=ig.CG(maxiter=200, tol=1e-10),
-                             batched=batched, warm_start=warm)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        grads, products = [], []
-        for _ in range(3):
-            g_, _ = learner.meta_gradient(tasks)
-            grads.append(torch.cat([v.reshape(-1) for v in g_.values()]))
-            products.append(sum(info.backward.iterations for info in learner.last_info))
-            opt.zero_grad()
-            learner.meta_step(tasks)
-            opt.step()
-        runs[warm] = (grads, products)
+    return tasks
+
+
+def _imaml_run(tasks, warm, batched, steps):
+    """Meta-gradients and backward products of ``steps`` SGD meta-steps of a fresh IMAML."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DT)
+    learner = meta.IMAML(model, mse_loss, lam=1.0, linear_solver=ig.CG(maxiter=200, tol=1e-10),
+                         batched=batched, warm_start=warm)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    grads, products = [], []
+    for _ in range(steps):
+        g_, _ = learner.meta_gradient(tasks)
+        grads.append(torch.cat([v.reshape(-1) for v in g_.values()]))
+        products.append(sum(info.backward.iterations for info in learner.last_info))
+        opt.zero_grad()
+        learner.meta_step(tasks)
+        opt.step()
+    return grads, products, learner
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_imaml_warm_start_per_task_gives_the_same_meta_gradient(batched):
+    tasks = _imaml_tasks()
+    runs = {warm: _imaml_run(tasks, warm, batched, 3)[:2] for warm in (False, True)}
     (cold_g, cold_p), (warm_g, warm_p) = runs[False], runs[True]
     for a, b in zip(cold_g, warm_g):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
@@ -376,3 +384,47 @@ def test_recycling_builds_on_the_users_preconditioner():
             its.append(info.backward.iterations)
         runs[recycle] = its
     assert runs[60][1] < runs[0][1] / 2 and runs[60][2] < runs[0][2] / 2
+
+
+# ------------------------------------------------------------------ settings for layers and learners
+@pytest.mark.parametrize("batched", [False, True])
+def test_imaml_takes_the_settings_of_a_warm_start_for_every_task(batched):
+    tasks = _imaml_tasks()
+    template = ig.WarmStart(recycle=20, extrapolate=True)
+    cold_g, cold_p, _ = _imaml_run(tasks, False, batched, 4)
+    warm_g, warm_p, learner = _imaml_run(tasks, template, batched, 4)
+    for a, b in zip(cold_g, warm_g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+    assert sum(warm_p[1:]) < sum(cold_p[1:])
+    # One WarmStart per task (per meta-batch, vmapped) with the template's settings; the
+    # template itself stays empty.
+    keys = [[x_s for x_s, *_ in tasks]] if batched else [[x_s] for x_s, *_ in tasks]
+    per_task = [learner._warm.get(key) for key in keys]
+    assert all(ws is not template and ws.recycle == 20 and ws.extrapolate for ws in per_task)
+    assert all(ws.recycler("backward").pairs for ws in per_task)
+    assert template.hits == template.misses == 0 and template.recycler("backward").pairs == []
+
+
+def test_layer_uses_the_warm_start_it_is_given():
+    A, u = _data(n=100, d=60)
+    ws = ig.WarmStart(recycle=10)
+    layer, cold = _Ridge(A, ws), _Ridge(A, False)
+    assert layer.warm is ws
+    for _ in range(3):
+        for lay in (layer, cold):
+            lay.zero_grad()
+            lay(u).square().sum().backward()
+        torch.testing.assert_close(layer.a.grad, cold.a.grad, rtol=1e-7, atol=1e-12)
+        with torch.no_grad():
+            layer.a -= 1e-3
+            cold.a -= 1e-3
+    assert ws.hits == 2 and ws.recycler("backward").pairs
+    assert layer.last_info.backward.iterations < cold.last_info.backward.iterations
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, ig.WarmStart])
+def test_layers_and_learners_refuse_other_warm_starts(bad):
+    with pytest.raises(TypeError, match="warm_start must be True, False or an ig.WarmStart"):
+        _Ridge(torch.eye(2, dtype=DT), bad)
+    with pytest.raises(TypeError, match="warm_start must be True, False or an ig.WarmStart"):
+        meta.IMAML(torch.nn.Linear(2, 1).to(DT), mse_loss, lam=1.0, warm_start=bad)

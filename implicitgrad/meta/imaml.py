@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from .._defaults import forward_tol as default_forward_tol
 from .._diagnostics import ImplicitGradWarning, SolveInfo, check_on_failure, user_stacklevel
 from .._identity import ByIdentity
 from .._validation import check_linear_solver
-from .._warm import WarmStart
+from .._warm import WarmStart, settings_of, warm_template
 from ..linalg import CG
 from ..linalg._base import LinearSolverLike
 from ..solvers import LBFGS
@@ -131,7 +131,12 @@ class IMAML(MetaLearner):
             recognised by its support inputs (the same tensor, not modified in place), a
             vmapped meta-batch by all of them. Same meta-gradient, fewer CG products as the
             meta-parameters move slowly; tasks drawn anew each step gain nothing. The
-            solutions of the last :attr:`WARM_TASKS` tasks are kept.
+            solutions of the last :attr:`WARM_TASKS` tasks are kept. ``True`` starts from
+            the previous solution only; an :class:`~implicitgrad.WarmStart` gives the
+            settings every task's own warm start copies (``ig.WarmStart(recycle=k,
+            extrapolate=True)`` also keeps each task's last ``k`` CG directions, ``2k``
+            vectors of the model's size per task, and starts from the line through its
+            last two solutions).
 
     Attributes:
         log_lam: dict parameter name → log-λ tensor (same shape as the parameter), only
@@ -184,11 +189,10 @@ class IMAML(MetaLearner):
         batched: Optional[bool] = None,
         all_reduce: bool = True,
         process_group: Any = None,
-        warm_start: bool = False,
+        warm_start: Union[bool, WarmStart] = False,
     ) -> None:
         super().__init__(model, loss_fn, batched=batched, all_reduce=all_reduce, process_group=process_group)
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"IMAML: warm_start must be True or False, got {warm_start!r}.")
+        self._warm_template = warm_template(warm_start, "IMAML")
         self.warm_start = warm_start
         # One WarmStart per task (or per vmapped meta-batch) met again, keyed by the identity
         # and in-place version of its support inputs; the least recently used are dropped.
@@ -244,7 +248,7 @@ class IMAML(MetaLearner):
     # ------------------------------------------------------------------ public
     def meta_gradient(self, tasks) -> Tuple[Params, Tensor]:
         self._infos = []
-        if self.warm_start:
+        if self._warm_template is not None:
             self._task_keys = [task[0] for task in _check_tasks(tasks, "IMAML")]
         try:
             out = super().meta_gradient(tasks)
@@ -416,7 +420,7 @@ class IMAML(MetaLearner):
             inputs, self._task_keys = [self._task_keys[0]], self._task_keys[1:]
         warm = self._warm.get(inputs)
         if warm is None:
-            warm = WarmStart()
+            warm = settings_of(cast(WarmStart, self._warm_template))
             self._warm.put(inputs, warm)
         return warm
 

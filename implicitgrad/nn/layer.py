@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from .._api import implicit_solve, root_solve
 from .._diagnostics import SolveInfo
 from .._tree import tree_flatten, tree_unflatten
 from .._validation import check_forward_tol, check_linear_solver, check_on_failure
-from .._warm import WarmStart
+from .._warm import WarmStart, warm_template
 from ..linalg._base import LinearSolverLike
 
 # The override points a subclass may implement, each with the core entry point that solves it.
@@ -68,6 +68,10 @@ class ImplicitLayer(nn.Module):
             :class:`~implicitgrad.WarmStart` per layer). Useful when consecutive calls solve
             nearby problems (the same inputs while the parameters train); the gradients
             are the same, the iterations fewer. Reset with :meth:`reset_warm_start`.
+            ``True`` keeps the previous backward solution only; an
+            :class:`~implicitgrad.WarmStart` is the layer's own (e.g.
+            ``ig.WarmStart(recycle=k, extrapolate=True)`` also preconditions CG with the
+            last ``k`` directions).
 
     Attributes:
         solver, linear_solver, on_failure, forward_tol: as given; may be reassigned.
@@ -105,7 +109,7 @@ class ImplicitLayer(nn.Module):
         linear_solver: Optional[LinearSolverLike] = None,
         on_failure: str = "warn",
         forward_tol: Optional[float] = None,
-        warm_start: bool = False,
+        warm_start: Union[bool, WarmStart] = False,
     ) -> None:
         super().__init__()
         cls = type(self)
@@ -132,9 +136,7 @@ class ImplicitLayer(nn.Module):
         self.linear_solver = linear_solver
         self.on_failure = on_failure
         self.forward_tol = forward_tol
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"{cls.__name__}: warm_start must be True or False, got {warm_start!r}.")
-        self.warm: Optional[WarmStart] = WarmStart() if warm_start else None
+        self.warm: Optional[WarmStart] = warm_template(warm_start, cls.__name__)
         self._last_x: Any = None
         self.last_info: Optional[SolveInfo] = None
 
