@@ -402,6 +402,53 @@ def meta_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam:
             "library": None if libraries is None else LibraryPath.summary(libraries)}
 
 
+def imaml_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam: float = 2.0, seed: int = 0,
+              progress: Optional[Callable] = None) -> Dict[str, Any]:
+    """``ig.meta.IMAML`` itself on the MLP and task pool of :func:`meta_run` (all tasks in
+    every meta-batch), with ``ig.CG(tol=LIBRARY_TOL)`` and L-BFGS inside: one learner per
+    configuration of ``warm_start``, all on the same model, which Adam (step 0.01) moves
+    by the cold meta-gradient. Backward products over the run as each learner counts them
+    (``info.backward.iterations``), and the largest relative difference of a warm-started
+    meta-gradient from the cold one at the same step."""
+    from implicitgrad.meta import IMAML
+
+    pool = [make_task(sizes[-1], shots, 3 * shots, sizes[0], seed + 1 + i, torch.float64, "cpu")
+            for i in range(tasks)]
+    batch = [(t.X_s, t.y_s, t.X_q, t.y_q) for t in pool]
+    layers: List[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [torch.nn.Linear(a, b)] + ([torch.nn.Tanh()] if i < len(sizes) - 2 else [])
+    model = torch.nn.Sequential(*layers).double()
+    model.load_state_dict(mlp_params(sizes, seed, torch.float64, "cpu"))  # meta_run's MLP and start
+    configs = {"False": False, "True": True, f"ig.WarmStart(recycle={RECYCLE}, extrapolate=True)": library_warm_start()}
+    learners = {name: IMAML(model, torch.nn.functional.cross_entropy, lam=lam, batched=False,
+                            inner_solver=ig.solvers.LBFGS(maxiter=1000, tol=1e-8),
+                            linear_solver=ig.CG(maxiter=KMAX, tol=LIBRARY_TOL), warm_start=warm)
+                for name, warm in configs.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    products = dict.fromkeys(configs, 0)
+    worst = dict.fromkeys(configs, 0.0)
+    for step in range(steps):
+        grads, cold_dict = {}, {}
+        for name, learner in learners.items():
+            g, _ = learner.meta_gradient(batch)
+            cold_dict = cold_dict or dict(g)
+            grads[name] = torch.cat([v.detach().reshape(-1) for v in g.values()])
+            products[name] += sum(info.backward.iterations for info in learner.last_info)
+        cold = grads["False"]
+        for name, g in grads.items():
+            worst[name] = max(worst[name], float((g - cold).norm() / cold.norm()))
+        optimizer.zero_grad()
+        for key, p in model.named_parameters():
+            p.grad = cold_dict[key].detach().clone()
+        optimizer.step()
+        if progress:
+            counts = ", ".join(f"{k} {v}" for k, v in products.items())
+            progress(f"warm: IMAML step {step + 1}/{steps}, products {counts}")
+    return {"steps": steps, "tasks": tasks, "tol": LIBRARY_TOL, "products": products, "max_difference": worst,
+            "ratio": {name: products["False"] / n for name, n in products.items()}}
+
+
 def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable] = None) -> Dict[str, Any]:
     """Both runs; products are counted, not timed, in float64 on the CPU (``device``, ``reps``, ``warmup`` unused)."""
     del device, reps, warmup
@@ -410,9 +457,11 @@ def run(device, quick: bool, reps: int, warmup: int, progress: Optional[Callable
         hpo = hpo_run(6, progress=progress)
         hpo_small = hpo_run(6, lr=0.01, progress=progress)
         meta = meta_run(2, 2, sizes=(8, 16, 3), progress=progress)
+        imaml = imaml_run(3, 2, sizes=(8, 16, 3), progress=progress)
     else:
         hpo = hpo_run(50, progress=progress)
         hpo_small = hpo_run(50, lr=0.01, progress=progress)
         meta = meta_run(10, 4, progress=progress)
+        imaml = imaml_run(10, 4, progress=progress)
     return {"target_error": TARGET_ERROR, "target_ratio": TARGET_RATIO, "hpo": hpo, "hpo_small_steps": hpo_small,
-            "meta": meta}
+            "meta": meta, "imaml": imaml}

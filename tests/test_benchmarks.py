@@ -193,6 +193,12 @@ def test_warm_start_counts_add_up(quick_run):
             assert library["max_error_cold"] < 1e-6 and library["max_error_warm"] < 1e-6
             assert library["cold_total"] > 0 and library["warm_total"] > 0
     assert "Warm starts: products to a 1e-6 hypergradient" in stdout
+    imaml = warm["imaml"]  # IMAML itself, one learner per warm_start setting on the same model
+    template = f"ig.WarmStart(recycle={warm['hpo']['recycle']}, extrapolate=True)"
+    assert set(imaml["products"]) == {"False", "True", template}
+    assert all(n > 0 for n in imaml["products"].values())
+    assert max(imaml["max_difference"].values()) < 1e-6
+    assert "Warm starts in ig.meta.IMAML (task pool)" in stdout
 
 
 def _bench_module(name):
