@@ -191,26 +191,10 @@ class Condition:
         """
         x_ids = {id(t) for t in x}
         own_ids = x_ids.union(id(t) for t in p)
-        seen: Set[Any] = set()
-        stack, foreign = [r.grad_fn for r in roots if r.grad_fn is not None], []
-        reached = False
-        while stack and len(seen) < 100_000:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            nexts = node.next_functions
-            if nexts:
-                stack += [n for n, _ in nexts if n is not None and n not in seen]
-                continue
-            # Only the nodes of leaves (AccumulateGrad) have no inputs, and a variable.
-            var = getattr(node, "variable", None)
-            if var is not None:
-                if id(var) in x_ids:
-                    reached = True
-                elif id(var) not in own_ids:
-                    foreign.append(var)
-        if not reached and len(seen) < 100_000 and self.output is not None:
+        leaves, complete = graph_leaves(roots)
+        reached = any(id(v) in x_ids for v in leaves)
+        foreign = [v for v in leaves if id(v) not in own_ids]
+        if not reached and complete and self.output is not None:
             _require_dependence(self.name, self.output, [])
         if foreign:
             shapes = ", ".join(str(tuple(v.shape)) for v in foreign[:5])
@@ -222,6 +206,27 @@ class Condition:
                 "torch.func.functional_call), or .detach() them if no gradient is wanted.",
                 "warn" if on_failure != "ignore" else "ignore",
             )
+
+
+def graph_leaves(roots: Sequence[torch.Tensor], limit: int = 100_000) -> Tuple[List[torch.Tensor], bool]:
+    """The leaf tensors that the autograd graph of ``roots`` reaches, in one walk of at most
+    ``limit`` nodes, and whether the walk saw the whole graph."""
+    seen: Set[Any] = set()
+    stack, leaves = [r.grad_fn for r in roots if r.grad_fn is not None], []
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        nexts = node.next_functions
+        if nexts:
+            stack += [n for n, _ in nexts if n is not None and n not in seen]
+            continue
+        # Only the nodes of leaves (AccumulateGrad) have no inputs, and a variable.
+        var = getattr(node, "variable", None)
+        if var is not None:
+            leaves.append(var)
+    return leaves, len(seen) < limit
 
 
 # ---------------------------------------------------------------------- the three builders
