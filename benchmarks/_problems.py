@@ -10,6 +10,8 @@
 ``floor_hypergradient`` is the same implicit-differentiation math hand-written with
 ``torch.autograd``: ``∇ₓf`` built once with a graph, ``K`` Hessian-vector products on it
 inside a plain conjugate gradient, and one vector-Jacobian product for ``θ``.
+``lean_implicit_call`` adds to it, as leanly as Python allows, the checks an implicit solve
+makes (the residual, finiteness, the captured-tensor walk) inside one autograd Function.
 
 The logistic objective, its validation loss and its Newton solution are those of
 ``ig.testing.problems`` (re-exported here under the names the benchmarks use).
@@ -17,12 +19,14 @@ The logistic objective, its validation loss and its Newton solution are those of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from implicitgrad._problem import graph_leaves
 from implicitgrad.testing.problems import logistic_loss as logistic_outer
 from implicitgrad.testing.problems import logistic_objective, logistic_solution
 
@@ -30,6 +34,7 @@ __all__ = [
     "FewShotTask",
     "Logistic",
     "floor_hypergradient",
+    "lean_implicit_call",
     "logistic_objective",
     "logistic_outer",
     "make_logistic",
@@ -199,3 +204,72 @@ def floor_hypergradient(
         u = plain_cg(hvp, list(v), iters)
         grads = torch.autograd.grad(g, ths, u)
     return [-t for t in grads]
+
+
+# ---------------------------------------------------------------------------- the lean call
+def lean_implicit_call(objective: Callable, x_star: List[torch.Tensor], theta: List[torch.Tensor],
+                       iters: int, x_tree: Callable, theta_tree: Callable, data: Sequence) -> List[torch.Tensor]:
+    """``x*(θ)`` as one ``torch.autograd.Function`` with the checks of an implicit solve
+    written as leanly as Python allows: the least any implementation of them costs.
+
+    Forward: the graph of ``∇ₓf`` at ``x*`` built once (the backward reuses it), one walk
+    of the objective's graph (``x`` reached, no tensor captured that requires grad), and
+    ``‖∇ₓf‖`` with the finiteness of ``x*`` and ``θ`` read by the host in one read.
+    Backward: the finiteness of the incoming gradient (one read), ``iters`` CG steps whose
+    step sizes are Python numbers (two reads per step), one vector-Jacobian product. No
+    pytrees beyond the given leaves, no batches, no options, no records: a lower bound for
+    a library's call with the same checks, not a usable layer.
+    """
+    n = len(x_star)
+
+    class Lean(torch.autograd.Function):
+        @staticmethod
+        def forward(*th: torch.Tensor):
+            xs = [t.detach().requires_grad_(True) for t in x_star]
+            ts = [t.detach().requires_grad_(True) for t in th]
+            with torch.enable_grad():
+                value = objective(x_tree(xs), theta_tree(ts), *data)
+                g = torch.autograd.grad(value, xs, create_graph=True)
+            x_ids, own = {id(t) for t in xs}, {id(t) for t in xs + ts}
+            leaves, _ = graph_leaves([value])  # the walk implicitgrad makes
+            if not any(id(t) in x_ids for t in leaves) or any(id(t) not in own for t in leaves):
+                raise ValueError("the objective ignores x or captures a tensor that requires grad")
+            norms = torch.stack([torch.linalg.vector_norm(t.detach()) for t in g] + [t.sum() for t in x_star + ts])
+            values = norms.tolist()
+            if not all(map(math.isfinite, values)):
+                raise ValueError("non-finite residual, solution or parameter")
+            Lean.carried = (xs, ts, g, math.sqrt(sum(v * v for v in values[:n])))
+            return tuple(t.clone() for t in x_star)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.carried = Lean.carried
+
+        @staticmethod
+        def backward(ctx, *v):
+            xs, ts, g, _residual = ctx.carried
+            # CG on one flat vector (the leaves packed once, unpacked as views per product).
+            b = torch.cat([t.reshape(-1) for t in v]) if n > 1 else v[0].reshape(-1)
+            if not math.isfinite(float(b.sum())):
+                raise ValueError("non-finite incoming gradient")
+            sizes = [t.numel() for t in xs]
+
+            def hvp(q: torch.Tensor) -> torch.Tensor:
+                parts = [c.view_as(t) for c, t in zip(q.split(sizes), xs)] if n > 1 else [q.view_as(xs[0])]
+                out = torch.autograd.grad(g, xs, parts, retain_graph=True)
+                return torch.cat([t.reshape(-1) for t in out]) if n > 1 else out[0].reshape(-1)
+
+            u, r, p = torch.zeros_like(b), b, b
+            rr = float(torch.dot(r, r))
+            for _ in range(iters):
+                ap = hvp(p)
+                alpha = rr / float(torch.dot(p, ap))
+                u = u + alpha * p
+                r = r - alpha * ap
+                rr_new = float(torch.dot(r, r))
+                p = r + (rr_new / rr) * p
+                rr = rr_new
+            parts = [c.view_as(t) for c, t in zip(u.split(sizes), xs)] if n > 1 else [u.view_as(xs[0])]
+            return tuple(-t for t in torch.autograd.grad(g, ts, parts))
+
+    return list(Lean.apply(*theta))

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from _problems import (
     floor_hypergradient,
+    lean_implicit_call,
     logistic_objective,
     logistic_outer,
     make_logistic,
@@ -148,6 +149,10 @@ class Case:
         x = [t.detach().clone().requires_grad_(True) for t in self.x_star]
         v = torch.autograd.grad(self.outer(self.to_x(x)), x)
         return floor_hypergradient(self.objective, x, theta, v, self.K, self.to_x, self.to_theta, self.data)
+
+    def run_lean_call(self, theta):
+        x = lean_implicit_call(self.objective, self.x_star, theta, self.K, self.to_x, self.to_theta, self.data)
+        return torch.autograd.grad(self.outer(self.to_x(x)), theta)
 
     def call_impls(self) -> List[Impl]:
         """Whole calls (forward + outer loss + backward) of implicitgrad and of the floor."""
@@ -366,7 +371,9 @@ def call_cases(device, dtype, Ks=CALL_KS) -> List[Case]:
 
 def run_call(device, quick: bool, reps: int, warmup: int, dtype=torch.float32,
              progress: Optional[Callable] = None) -> Dict[str, Any]:
-    """Whole-call rows: implicitgrad against the floor, both doing forward, outer loss and hypergradient.
+    """Whole-call rows: implicitgrad against the floor, both doing forward, outer loss and hypergradient,
+    and the lean call (:func:`_problems.lean_implicit_call`: the floor plus the checks of an
+    implicit solve, written as leanly as Python allows) against the floor.
 
     The forward "solver" of implicitgrad returns the solution computed beforehand (so the
     forward cost is implicitgrad's own: the check of the condition at ``x*``, the graph it
@@ -379,11 +386,17 @@ def run_call(device, quick: bool, reps: int, warmup: int, dtype=torch.float32,
     for case64, case in zip(call_cases(device, torch.float64), call_cases(device, dtype)):
         if progress:
             progress(f"call: {case.name}, K = {case.K}")
-        grads = {impl.name: [g.detach() for g in impl.run(impl.setup())] for impl in case64.call_impls()}
-        times = interleaved(case.call_impls(), reps=reps, warmup=warmup, device=device)
+        impls64 = case64.call_impls() + [Impl("lean", case64.setup_params, case64.run_lean_call)]
+        grads = {impl.name: [g.detach() for g in impl.run(impl.setup())] for impl in impls64}
+        impls = case.call_impls() + [Impl("lean", case.setup_params, case.run_lean_call)]
+        times = interleaved(impls, reps=reps, warmup=warmup, device=device)
+        lean = summarize(times, [("lean", "floor")])
+        del times["lean"]  # a reference, reported apart from the two rows the target compares
         results["cases"][f"{case.name}_K{case.K}"] = {
             "description": case.description, "problem": case.name, "K": case.K,
             "check": agreement(grads, AGREEMENT_TOL), "times_s": times,
             **summarize(times, [("implicitgrad", "floor")]),
+            "lean": {"median_s": lean["median_s"]["lean"], "ratio_to_floor": lean["ratios"]["lean/floor"],
+                     "best_ratio_to_floor": lean["best_ratios"]["lean/floor"]},
         }
     return results

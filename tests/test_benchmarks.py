@@ -144,6 +144,9 @@ def test_whole_call_rows_cover_both_problems_at_both_K(quick_run):
         assert set(case["median_s"]) == {"implicitgrad", "floor"}
         assert case["ratios"]["implicitgrad/floor"] > 0
     assert "Whole call (forward + outer loss + hypergradient)" in stdout
+    for case in call["cases"].values():  # the lean reference: agreed in float64, timed with the two
+        assert len(case["check"]["pairs"]) == 3 and case["lean"]["ratio_to_floor"] > 0
+    assert "lean call (floor + the same checks) / floor" in stdout
 
 
 def test_time_to_accuracy_curves_and_plot(quick_run):
