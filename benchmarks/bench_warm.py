@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from _problems import make_proximal_objective, make_task, mlp_params, proximal_solution
+from _problems import make_proximal_objective, make_task, mlp_module, mlp_params, proximal_solution
 
 import implicitgrad as ig
 
@@ -415,10 +415,7 @@ def imaml_run(steps: int, tasks: int, sizes=(16, 32, 32, 4), shots: int = 5, lam
     pool = [make_task(sizes[-1], shots, 3 * shots, sizes[0], seed + 1 + i, torch.float64, "cpu")
             for i in range(tasks)]
     batch = [(t.X_s, t.y_s, t.X_q, t.y_q) for t in pool]
-    layers: List[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers += [torch.nn.Linear(a, b)] + ([torch.nn.Tanh()] if i < len(sizes) - 2 else [])
-    model = torch.nn.Sequential(*layers).double()
+    model = mlp_module(sizes).double()
     model.load_state_dict(mlp_params(sizes, seed, torch.float64, "cpu"))  # meta_run's MLP and start
     configs = {"False": False, "True": True, f"ig.WarmStart(recycle={RECYCLE}, extrapolate=True)": library_warm_start()}
     learners = {name: IMAML(model, torch.nn.functional.cross_entropy, lam=lam, batched=False,
