@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from _common import example_parser, parse_args, print_summary, progress, pyplot, save_figure, write_json
 from hpo_logreg_l2 import cross_entropy, inner_objective, load_data, logits, zero_model
-from imaml_sinusoid import init_distributed
+from imaml_sinusoid import distributed_processes
 
 import implicitgrad as ig
 
@@ -182,7 +182,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     steps = args.steps or (10 if args.quick else 30)
     if steps < 1 or args.n_train < 1 or args.dim < 1:
         parser.error("--steps, --n-train and --dim must be positive.")
-    rank, world_size = init_distributed(args.device)
+    with distributed_processes(args.device) as (rank, world_size):
+        return solve(args, steps, rank, world_size)
+
+
+def solve(args, steps: int, rank: int, world_size: int) -> dict:
+    """The outer loop on this process's shard; rank 0 plots and reports."""
     if args.data == "breast_cancer":
         data = load_data(args.n_train, 150, args.seed, args.device)
     else:
@@ -248,8 +253,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 f"Figure: {figure}",
             ],
         )
-    if ig.meta.is_distributed():
-        dist.destroy_process_group()
     return metrics
 
 

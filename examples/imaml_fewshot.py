@@ -39,7 +39,7 @@ from imaml_sinusoid import (
     adaptation_curve,
     add_meta_arguments,
     batched_eval,
-    init_distributed,
+    distributed_processes,
     make_learner,
     mean_ci,
     plot_cosine,
@@ -132,8 +132,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     resolve_meta_arguments(parser, args)
     if args.dataset == "omniglot" and args.root is None:
         parser.error("--dataset omniglot needs --root PATH (a local copy; nothing is downloaded).")
+    with distributed_processes(args.device) as (rank, world_size):
+        return run(parser, args, rank, world_size)
+
+
+def run(parser, args, rank: int, world_size: int) -> dict:
+    """Train, evaluate and report every method of ``args`` on this process (rank 0 reports)."""
     device = args.device
-    rank, world_size = init_distributed(device)
     if args.meta_batch < world_size:
         parser.error(f"--meta-batch {args.meta_batch} gives some of the {world_size} processes no task.")
 

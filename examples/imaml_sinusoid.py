@@ -30,11 +30,12 @@ Run from the repository root: ``python examples/imaml_sinusoid.py --quick``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,17 +103,31 @@ def resolve_meta_arguments(parser, args) -> None:
                      "--eval-tasks at least 2.")
 
 
-def init_distributed(device: torch.device) -> tuple:
-    """``(rank, world_size)``; initialises the process group when launched by torchrun."""
+@contextlib.contextmanager
+def distributed_processes(device: torch.device) -> Iterator[Tuple[int, int]]:
+    """``(rank, world_size)`` for the ``with`` body; under torchrun, the process group around it.
+
+    When ``WORLD_SIZE > 1`` and no group exists, initialise one (gloo on CPU, NCCL on CUDA) and,
+    once the body has returned on this process, wait at a barrier for every other process before
+    destroying it. Without the barrier a process could tear its gloo connections down while a
+    peer's transport threads still serve the last collective, and the peer then aborts at exit
+    after finishing its work. A body that raises skips the barrier (the others may never reach it)
+    and lets torchrun stop the job. A group that existed before is left to its owner.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not meta.is_distributed():
+    created = world_size > 1 and not meta.is_distributed()
+    if created:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend)
     if meta.is_distributed():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        yield torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        yield 0, 1
+    if created:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class BestState:
@@ -324,8 +339,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     add_meta_arguments(parser, steps=1500, quick_steps=300, eval_tasks=600, meta_batch=25, quick_meta_batch=10)
     args = parse_args(parser, argv)
     resolve_meta_arguments(parser, args)
+    with distributed_processes(args.device) as (rank, world_size):
+        return run(parser, args, rank, world_size)
+
+
+def run(parser, args, rank: int, world_size: int) -> dict:
+    """Train, evaluate and report every method of ``args`` on this process (rank 0 reports)."""
     device = args.device
-    rank, world_size = init_distributed(device)
     if args.meta_batch < world_size:
         parser.error(f"--meta-batch {args.meta_batch} gives some of the {world_size} processes no task.")
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_meta_distributed import free_port
+from test_meta_distributed import free_port, gloo_group
 from torch import nn
 
 import implicitgrad as ig
@@ -263,15 +263,12 @@ def run_checks(group):
 def worker(rank, world_size, init_method, out):
     """Every check on all the processes, then on a group of the first two (the others wait)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_method):
         pair = dist.new_group([0, 1])  # collective: every process creates it
         result = {world_size: run_checks(None)}
         if rank < 2:
             result[2] = run_checks(pair)
         torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 WORLD = 4  # one launch serves both sizes: the 2-rank checks run on a subgroup

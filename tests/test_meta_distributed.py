@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -64,14 +65,28 @@ def train(method, tasks):
 METHODS = ("imaml", "maml")
 
 
-def worker(rank, world_size, init_method, out):
-    torch.set_num_threads(1)
+@contextlib.contextmanager
+def gloo_group(rank, world_size, init_method):
+    """A gloo process group for the ``with`` body, destroyed once every process is done with it.
+
+    The barrier matters: a process that destroys its group and exits while a peer's transport
+    threads still serve the last collective can make that peer abort at exit ("terminate called
+    without an active exception", SIGABRT) after it has finished and saved its work. A body that
+    raises skips the barrier: the other processes may never reach it.
+    """
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
-        results = {method: train(method, meta.shard_tasks(make_tasks())) for method in METHODS}
-        torch.save(results, f"{out}.{rank}")
+        yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def worker(rank, world_size, init_method, out):
+    torch.set_num_threads(1)
+    with gloo_group(rank, world_size, init_method):
+        results = {method: train(method, meta.shard_tasks(make_tasks())) for method in METHODS}
+        torch.save(results, f"{out}.{rank}")
 
 
 def free_port():
