@@ -403,6 +403,7 @@ def training_summary(method: str, learner: meta.MetaLearner, history: Dict[str, 
            "adaptation": adaptation_label(method, learner)}
     if isinstance(learner, meta.IMAML):
         out["inner_converged_fraction"] = learner.inner_converged_fraction
+        out["inner_resolves"] = learner.inner_resolves  # meta-batches re-solved after negative curvature
         if "cosine" in history:
             out["meta_gradient_cosine"] = {"step": history["check_step"], "cosine": history["cosine"]}
     return out

@@ -21,23 +21,26 @@ import imaml_sinusoid  # noqa: E402
 
 import implicitgrad.meta as meta  # noqa: E402
 
-# The examples keep IMAML's diagnostics on: an inner problem left above forward_tol is reported
-# by an ImplicitGradWarning, which these tests allow; they check the counted fraction instead.
+# The examples keep IMAML's diagnostics on. The quick runs must be silent: every inner problem
+# solved, every backward system positive definite at its solution (a meta-batch that met
+# negative curvature was re-solved, and counted). The resumption test's tiny runs may report.
 ALLOW_REPORTS = pytest.mark.filterwarnings("default::implicitgrad.ImplicitGradWarning")
+SILENT = pytest.mark.filterwarnings("error::implicitgrad.ImplicitGradWarning")
 
 
-@ALLOW_REPORTS
+@SILENT
 def test_sinusoid_quick_imaml_beats_pretrained(tmp_path):
     metrics = imaml_sinusoid.main(["--quick", "--methods", "imaml,pretrained", "--out", str(tmp_path),
                                    "--json", str(tmp_path / "metrics.json")])
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     imaml, pretrained = metrics["methods"]["imaml"], metrics["methods"]["pretrained"]
     assert imaml["mse_mean"] + imaml["ci95"] < pretrained["mse_mean"] - pretrained["ci95"]
-    assert 0 < imaml["inner_converged_fraction"] <= 1
+    # 4 of its 300 meta-batches met negative curvature at the first solve and were re-solved.
+    assert imaml["inner_converged_fraction"] == 1 and imaml["inner_resolves"] > 0
     assert (tmp_path / "sinusoid_10shot.png").stat().st_size > 0
 
 
-@ALLOW_REPORTS
+@SILENT
 def test_fewshot_quick_imaml_beats_pretrained(tmp_path):
     metrics = imaml_fewshot.main(["--quick", "--methods", "imaml,pretrained", "--out", str(tmp_path),
                                   "--json", str(tmp_path / "metrics.json")])
@@ -47,7 +50,7 @@ def test_fewshot_quick_imaml_beats_pretrained(tmp_path):
     assert (tmp_path / "fewshot_digits-5way1shot.png").stat().st_size > 0
 
 
-@ALLOW_REPORTS
+@SILENT
 def test_fewshot_quick_5shot_imaml_at_least_maml(tmp_path):
     """A short 5-shot run: iMAML with its defaults is no worse than MAML (within the confidence interval)."""
     metrics = imaml_fewshot.main(["--quick", "--k-shot", "5", "--steps", "100", "--methods", "imaml,maml",
@@ -55,7 +58,7 @@ def test_fewshot_quick_5shot_imaml_at_least_maml(tmp_path):
     imaml, maml = metrics["methods"]["imaml"], metrics["methods"]["maml"]
     assert imaml["accuracy"] >= maml["accuracy"] - maml["ci95"], (imaml, maml)
     assert imaml["adaptation"].startswith("proximal problem") and maml["adaptation"].startswith("5 gradient steps")
-    assert 0 < imaml["inner_converged_fraction"] <= 1
+    assert imaml["inner_converged_fraction"] == 1
 
 
 def without_timing(metrics):

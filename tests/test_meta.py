@@ -525,3 +525,70 @@ def test_imaml_reports_a_backward_solution_worse_than_zero_whatever_its_status()
     imaml = meta.IMAML(model, mse_loss, lam=2.0, linear_solver=WorseThanZero(), batched=False)
     with pytest.warns(ig.ImplicitGradWarning, match="worse than u = 0"):
         imaml.meta_step(tasks)
+
+
+# ------------------------------------------------------ iMAML: negative curvature sends it back
+# A one-weight model w on inputs 1 and the loss (w² − y)²: with support target 1 the proximal
+# problem G(w) = (w² − 1)² + λ/2 (w − θ)² has G'' + … = 12w² − 4 + λ, negative for |w| < 0.5
+# at λ = 1, and its minimiser near w = 1. From θ = 0.05 the gradient is ≈ −0.2: a forward
+# tolerance of 0.5 accepts θ itself (L-BFGS stops at 0.25 before its first step), where the
+# backward system H + λI = −3 is negative; 10× tighter sends L-BFGS to the minimiser.
+def double_well_loss(output, target):
+    return ((output ** 2 - target) ** 2).mean()
+
+
+def double_well_problem():
+    model = torch.nn.Linear(1, 1, bias=False).to(DTYPE)
+    with torch.no_grad():
+        model.weight.fill_(0.05)
+    ones = torch.ones(4, 1, dtype=DTYPE)
+    task = (ones, ones, ones, 2 * ones)  # query target 2: L_q'(w) = 4w(w² − 2)
+    return model, [task]
+
+
+def double_well_meta_gradient(theta=0.05, lam=1.0):
+    """λ (G''(w*))⁻¹ L_q'(w*) at the minimiser w* near 1 of G, by Newton's method in float64."""
+    w = torch.tensor(1.0, dtype=DTYPE)
+    for _ in range(50):
+        w = w - (4 * w * (w ** 2 - 1) + lam * (w - theta)) / (12 * w ** 2 - 4 + lam)
+    return lam / (12 * w ** 2 - 4 + lam) * 4 * w * (w ** 2 - 2)
+
+
+@pytest.mark.parametrize("on_failure", ["warn", "raise"])
+def test_imaml_resolves_a_meta_batch_whose_backward_meets_negative_curvature(on_failure):
+    model, tasks = double_well_problem()
+    imaml = meta.IMAML(model, double_well_loss, lam=1.0, forward_tol=0.5, on_failure=on_failure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        imaml.meta_step(tasks)
+    assert imaml.inner_resolves == 1
+    assert imaml.last_info[0].backward.converged
+    # The re-solve met 10× the tolerance (0.025 absolute on |G'|): the meta-gradient is that of
+    # the minimiser up to the first-order effect of that residual.
+    assert rel_err(model.weight.grad.reshape(()), double_well_meta_gradient()) < 0.05
+    assert imaml.state_dict()["counters"]["inner_resolves"] == 1
+
+
+def test_imaml_does_not_rerun_a_users_inner_solver_and_says_so():
+    model, tasks = double_well_problem()
+    solver = ig.solvers.LBFGS(maxiter=100, tol=0.25)
+    imaml = meta.IMAML(model, double_well_loss, lam=1.0, inner_solver=solver, forward_tol=0.5)
+    with pytest.warns(ig.ImplicitGradWarning, match="not positive definite: solve the inner problem further"):
+        imaml.meta_step(tasks)
+    assert imaml.inner_resolves == 0 and imaml.last_info[0].backward.status == "negative_curvature"
+    with pytest.raises(ig.ConvergenceError):
+        meta.IMAML(model, double_well_loss, lam=1.0, inner_solver=solver, forward_tol=0.5,
+                   on_failure="raise").meta_step(tasks)
+
+
+def test_imaml_reports_negative_curvature_left_after_every_resolve():
+    model, tasks = double_well_problem()
+    imaml = meta.IMAML(model, double_well_loss, lam=1.0, forward_tol=0.5)
+    imaml.RESOLVE_TIGHTENING = (1.0,)  # a re-solve that changes nothing
+    with pytest.warns(ig.ImplicitGradWarning, match=r"even after re-solving the inner problems with tolerances 1× "):
+        imaml.meta_step(tasks)
+    assert imaml.inner_resolves == 1 and imaml.last_info[0].backward.status == "negative_curvature"
+    with pytest.raises(ig.ConvergenceError):
+        broken = meta.IMAML(model, double_well_loss, lam=1.0, forward_tol=0.5, on_failure="raise")
+        broken.RESOLVE_TIGHTENING = (1.0,)
+        broken.meta_step(tasks)
