@@ -99,9 +99,9 @@ def test_gmres_budget_and_cycles():
     norms = [float(v.norm()) for v in seen]
     units = [i for i, n in enumerate(norms) if n == pytest.approx(1.0, rel=1e-12)]
     assert [i for i in range(23) if i not in units] == [5, 11, 17, 22]
-    # With x0, its residual is one more product.
+    # With an initial guess, its residual is one more product.
     op.calls = 0
-    _, info = ig.GMRES(maxiter=23, restart=5)(op, torch.ones(60, dtype=DT), x0=torch.ones(60, dtype=DT))
+    _, info = ig.GMRES(maxiter=23, restart=5)(op, torch.ones(60, dtype=DT), init=torch.ones(60, dtype=DT))
     assert op.calls == info.iterations == 23
 
 

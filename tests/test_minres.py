@@ -167,7 +167,7 @@ def test_initial_guess_and_check_interval():
     # Lanczos steps stop at a check; one more product measures the residual.
     assert (i5.iterations - 1) % 5 == 0 and i5.iterations >= i1.iterations
     assert rel_err(x5, ref) <= 1e-8 and rel_err(x1, ref) <= 1e-8
-    warm, iw = ig.MINRES(maxiter=300)(lambda v: A @ v, b, x0=ref + 1e-6 * rhs(40, 9))
+    warm, iw = ig.MINRES(maxiter=300)(lambda v: A @ v, b, init=ref + 1e-6 * rhs(40, 9))
     assert iw.converged and iw.iterations < i1.iterations and rel_err(warm, ref) <= 1e-8
 
 
