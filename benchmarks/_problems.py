@@ -249,15 +249,20 @@ def lean_implicit_call(objective: Callable, x_star: List[torch.Tensor], theta: L
         def backward(ctx, *v):
             xs, ts, g, _residual = ctx.carried
             # CG on one flat vector (the leaves packed once, unpacked as views per product).
-            b = torch.cat([t.reshape(-1) for t in v]) if n > 1 else v[0].reshape(-1)
-            if not math.isfinite(float(b.sum())):
-                raise ValueError("non-finite incoming gradient")
             sizes = [t.numel() for t in xs]
 
+            def pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+                return torch.cat([t.reshape(-1) for t in parts]) if n > 1 else parts[0].reshape(-1)
+
+            def unpack(q: torch.Tensor) -> List[torch.Tensor]:
+                return [c.view_as(t) for c, t in zip(q.split(sizes), xs)] if n > 1 else [q.view_as(xs[0])]
+
+            b = pack(v)
+            if not math.isfinite(float(b.sum())):
+                raise ValueError("non-finite incoming gradient")
+
             def hvp(q: torch.Tensor) -> torch.Tensor:
-                parts = [c.view_as(t) for c, t in zip(q.split(sizes), xs)] if n > 1 else [q.view_as(xs[0])]
-                out = torch.autograd.grad(g, xs, parts, retain_graph=True)
-                return torch.cat([t.reshape(-1) for t in out]) if n > 1 else out[0].reshape(-1)
+                return pack(torch.autograd.grad(g, xs, unpack(q), retain_graph=True))
 
             u, r, p = torch.zeros_like(b), b, b
             rr = float(torch.dot(r, r))
@@ -269,7 +274,6 @@ def lean_implicit_call(objective: Callable, x_star: List[torch.Tensor], theta: L
                 rr_new = float(torch.dot(r, r))
                 p = r + (rr_new / rr) * p
                 rr = rr_new
-            parts = [c.view_as(t) for c, t in zip(u.split(sizes), xs)] if n > 1 else [u.view_as(xs[0])]
-            return tuple(-t for t in torch.autograd.grad(g, ts, parts))
+            return tuple(-t for t in torch.autograd.grad(g, ts, unpack(u)))
 
     return list(Lean.apply(*theta))
